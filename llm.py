@@ -1,0 +1,295 @@
+"""Llama / Qwen2-style decoder with a KV cache, shortcut injection and composite attention.
+
+Follows Hugging Face `LlamaForCausalLM` / `Qwen2ForCausalLM`: RMSNorm, rotary embeddings in the
+`rotate_half` convention, grouped-query attention, SwiGLU MLP, optional q/k/v bias (Qwen2), tied
+or untied output head. Two additions serve the multimodal models:
+
+- `injections={llm_layer: (B, N, D)}` adds a tensor at the image positions just before that layer
+  runs (SparseCut's sparse shortcuts, paper section 3.3).
+- `attention="composite"` is EE-MLLM's composite attention (arXiv 2408.11795, section 3): visual
+  tokens issue no queries; text queries see every visual key and the earlier text; each visual
+  token is updated by the parameter-free aligner h_v + W_o W_v norm(h_v) (attention of a token to
+  itself alone), then by the layer's FFN unless `visual_ffn=False`.
+
+The image occupies one contiguous span of positions, `image_span=(start, end)`, the same in every
+row of the batch.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LLMConfig:
+    vocab_size: int = 256
+    width: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: int = 2            # grouped-query attention: n_head / n_kv_head queries per key
+    mlp_dim: int = 344
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False        # Qwen2: True
+    tie_embeddings: bool = True
+    head_dim: int = 0             # 0: width // n_head
+
+    @property
+    def dim_per_head(self):
+        return self.head_dim or self.width // self.n_head
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in float32 like Hugging Face's LlamaRMSNorm."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, head_dim, theta, dtype):
+    """Rotary tables for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    freqs = position_ids.float()[..., None] * inv_freq           # (B, T, head_dim/2)
+    angles = torch.cat([freqs, freqs], dim=-1)                   # (B, T, head_dim)
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
+
+
+def rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: (B, n_kv_head, max_len, head_dim) each."""
+
+    def __init__(self, config, batch, max_len, device, dtype):
+        shape = (batch, config.n_kv_head, max_len, config.dim_per_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0                                          # positions filled so far
+
+    def update(self, layer, k, v):
+        """Write the new keys/values at [length, length + T) and return all of them so far."""
+        end = self.length + k.shape[2]
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary positions, through scaled_dot_product_attention."""
+
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.config, self.layer_index = config, layer_index
+        hd, D = config.dim_per_head, config.width
+        self.q_proj = nn.Linear(D, config.n_head * hd, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(D, config.n_kv_head * hd, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(D, config.n_kv_head * hd, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * hd, D, bias=False)
+
+    def heads(self, x, n):
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.config.dim_per_head).transpose(1, 2)   # (B, n, T, hd)
+
+    def merge(self, y):
+        B, n, T, hd = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, n * hd))        # (B, T, D)
+
+    def keys_values(self, x, cos, sin, cache):
+        """Keys (rotated) and values of all rows of x, appended to the cache when there is one."""
+        c = self.config
+        k = apply_rope(self.heads(self.k_proj(x), c.n_kv_head), cos, sin)  # (B, n_kv, T, hd)
+        v = self.heads(self.v_proj(x), c.n_kv_head)
+        if cache is not None:
+            k, v = cache.update(self.layer_index, k, v)                     # (B, n_kv, T_k, hd)
+        return k, v
+
+    def forward(self, x, cos, sin, mask, cache):
+        """Causal attention for every row. mask: None (plain causal), or bool (B|1, 1, T, T_k)."""
+        q = apply_rope(self.heads(self.q_proj(x), self.config.n_head), cos, sin)  # (B, H, T, hd)
+        k, v = self.keys_values(x, cos, sin, cache)
+        square = k.shape[2] == q.shape[2]
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
+                                           is_causal=mask is None and square)
+        return self.merge(y)
+
+    def composite(self, x, cos, sin, mask, cache, image_span):
+        """EE-MLLM composite attention: only text rows issue queries; visual rows get the aligner.
+
+        No visual-by-visual score is formed: the score matrix is (T_text, T_k), not (T, T_k).
+        """
+        s, e = image_span
+        text = lambda t: torch.cat([t[:, :, :s], t[:, :, e:]], dim=2)      # drop the image rows
+        k, v = self.keys_values(x, cos, sin, cache)                         # all rows: (B, n_kv, T_k, hd)
+        x_text = torch.cat([x[:, :s], x[:, e:]], dim=1)                     # (B, T_text, D)
+        q = apply_rope(self.heads(self.q_proj(x_text), self.config.n_head), text(cos), text(sin))
+        y_text = self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=text(mask),
+                                                           enable_gqa=True))  # (B, T_text, D)
+        # Aligner: a visual token attending to itself alone returns its own value, W_o W_v norm(h_v).
+        offset = k.shape[2] - x.shape[1]                                    # cached positions before x
+        v_image = v[:, :, offset + s:offset + e]                             # (B, n_kv, N, hd)
+        v_image = v_image.repeat_interleave(self.config.n_head // self.config.n_kv_head, dim=1)
+        y_image = self.merge(v_image)                                        # (B, N, D)
+        return torch.cat([y_text[:, :s], y_image, y_text[:, s:]], dim=1)    # (B, T, D)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.width, config.mlp_dim, bias=False)
+        self.up_proj = nn.Linear(config.width, config.mlp_dim, bias=False)
+        self.down_proj = nn.Linear(config.mlp_dim, config.width, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: h + attn(norm(h)), then h + mlp(norm(h))."""
+
+    def __init__(self, config, layer_index):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.width, config.norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.width, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, h, cos, sin, mask, cache, composite_span=None, visual_ffn=True):
+        x = self.input_layernorm(h)
+        if composite_span is None:
+            h = h + self.self_attn(x, cos, sin, mask, cache)
+        else:
+            h = h + self.self_attn.composite(x, cos, sin, mask, cache, composite_span)
+        if composite_span is None or visual_ffn:
+            return h + self.mlp(self.post_attention_layernorm(h))
+        s, e = composite_span                                     # the FFN skips visual rows
+        h_text = torch.cat([h[:, :s], h[:, e:]], dim=1)
+        h_text = h_text + self.mlp(self.post_attention_layernorm(h_text))
+        return torch.cat([h_text[:, :s], h[:, s:e], h_text[:, s:]], dim=1)
+
+
+def build_mask(T, start, key_valid, device):
+    """Bool mask (B|1, 1, T, start + T): query i (at cache index start + i) sees keys <= itself.
+
+    key_valid (B, start + T), False at padding; every row may also see itself, so that padding
+    rows never have an empty softmax. Returns None where no mask is needed: the plain causal
+    square (SDPA's is_causal fast path) or one new token that sees the whole cache.
+    """
+    T_k = start + T
+    if key_valid is None and (start == 0 or T == 1):
+        return None
+    q_index = torch.arange(start, T_k, device=device)[:, None]
+    k_index = torch.arange(T_k, device=device)[None, :]
+    mask = (k_index <= q_index)[None, None]                      # (1, 1, T, T_k)
+    if key_valid is not None:
+        mask = (mask & key_valid[:, None, None, :]) | (k_index == q_index)
+    return mask
+
+
+class LLM(nn.Module):
+    """Decoder-only language model. forward(...) -> logits (B, T, vocab)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.width)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.norm = RMSNorm(config.width, config.norm_eps)
+        self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, input_ids=None, *, inputs_embeds=None, position_ids=None, kv_cache=None,
+                attention_mask=None, injections=None, image_span=None, attention="causal",
+                visual_ffn=True, return_hidden=False):
+        """Run the decoder.
+
+        input_ids (B, T) or inputs_embeds (B, T, D); position_ids (B, T), default: the cache
+        offset onwards; kv_cache: a KVCache, filled and advanced; attention_mask (B, T_k) bool,
+        False at padding (T_k = cached + T); injections {llm_layer: (B, N, D)} added at
+        image_span=(start, end) of this chunk before that layer; attention: causal | composite.
+        Returns logits (B, T, vocab), or the final normed hidden states with return_hidden=True.
+        """
+        if attention not in ("causal", "composite"):
+            raise ValueError(f"attention must be 'causal' or 'composite', not {attention!r}")
+        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, D)
+        B, T, _ = h.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
+        cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, h.dtype)
+        mask = build_mask(T, start, attention_mask, h.device)
+        composite_span = None
+        if attention == "composite" and image_span is not None:
+            composite_span = image_span
+            if mask is None:                                      # composite needs explicit rows
+                mask = build_mask(T, start, torch.ones(B, start + T, dtype=torch.bool,
+                                                           device=h.device), h.device)
+            k_index = torch.arange(start + T, device=h.device)    # text sees every visual key
+            mask = mask | ((k_index >= start + image_span[0]) & (k_index < start + image_span[1]))
+        for i, layer in enumerate(self.layers):
+            if injections and i in injections:
+                s, e = image_span
+                h = h + F.pad(injections[i].to(h.dtype), (0, 0, s, T - e))  # image rows only
+            h = layer(h, cos, sin, mask, kv_cache, composite_span, visual_ffn)
+        if kv_cache is not None:
+            kv_cache.length += T
+        h = self.norm(h)
+        return h if return_hidden else self.lm_head(h)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
+        """Load a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM directory."""
+        from weights import load_weights, read_config
+        hf = read_config(path)
+        config = llm_config_from_hf(hf, path)
+        return load_weights(cls, config, path, hf_llm_key, dtype=dtype, device=device)
+
+
+def llm_config_from_hf(hf, path):
+    """Translate a Hugging Face Llama/Qwen2 config.json to an LLMConfig."""
+    model_type = hf.get("model_type")
+    if model_type not in ("llama", "qwen2", "mistral"):
+        raise ValueError(f"{path}: model_type {model_type!r} is not a Llama or Qwen2 causal LM")
+    if hf.get("rope_scaling"):
+        raise ValueError(f"{path}: rope_scaling {hf['rope_scaling']} is not supported; "
+                         "use a checkpoint with plain rotary embeddings")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise ValueError(f"{path}: Llama attention_bias/mlp_bias checkpoints are not supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    n_head = hf["num_attention_heads"]
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
+    return LLMConfig(
+        vocab_size=hf["vocab_size"], width=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
+        n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+        mlp_dim=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        qkv_bias=model_type == "qwen2",
+        tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
+        head_dim=head_dim if head_dim != hf["hidden_size"] // n_head else 0)
+
+
+def hf_llm_key(name):
+    """Hugging Face tensor name -> ours (drop the `model.` prefix); None for unused tensors."""
+    if name.startswith("model."):
+        return name[len("model."):]
+    if name == "lm_head.weight":
+        return name
+    return None

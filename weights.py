@@ -1,0 +1,135 @@
+"""Reading safetensors checkpoints into a model, one tensor at a time.
+
+Used by `ViT.from_pretrained`, `LLM.from_pretrained` (Hugging Face layout: `config.json` plus
+`model.safetensors` or sharded `model-0000k-of-0000n.safetensors` with an index) and by
+`SparseCut.from_pretrained`. The model is built on the meta device, so it holds no memory until
+each tensor is read, cast and put in place: peak memory stays near one copy of the weights.
+Safetensors and JSON only; nothing here unpickles.
+"""
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says what is wrong and what to do."""
+
+
+def read_config(path):
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not os.path.isfile(config_file):
+        raise CheckpointError(f"{path} has no config.json: is it a checkpoint directory?")
+    try:
+        with open(config_file) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_file} is not valid JSON ({error})") from None
+
+
+def safetensors_files(path):
+    """The weight files of a directory: model.safetensors, or the shards its index lists."""
+    single = os.path.join(path, "model.safetensors")
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(path, shard) for shard in shards]
+        missing = [f for f in files if not os.path.isfile(f)]
+        if missing:
+            raise CheckpointError(f"{path}: shards listed in the index are missing: {missing}")
+        return files
+    raise CheckpointError(f"{path} has no model.safetensors (nor a sharded index): "
+                          "only safetensors checkpoints are read")
+
+
+def set_tensor(model, name, tensor):
+    """Put a tensor in place of the (meta) parameter or buffer called name."""
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if leaf in module._parameters:                               # keep frozen parts frozen
+        trainable = module._parameters[leaf].requires_grad and tensor.is_floating_point()
+        module._parameters[leaf] = nn.Parameter(tensor, requires_grad=trainable)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def load_weights(cls, config, path, key_map=lambda name: name, dtype=torch.float32, device="cpu"):
+    """Build cls(config) on the meta device and fill it from the safetensors files under path.
+
+    key_map maps a file's tensor name to the model's, or to None for tensors the model does not
+    use. Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    with torch.device("meta"):
+        model = cls(config)
+    expected = {name: t.shape for name, t in model.state_dict().items()}
+    tied = getattr(config, "tie_embeddings", False) or getattr(getattr(config, "llm", None),
+                                                                "tie_embeddings", False)
+    tied_head = [name for name in expected if name.endswith("lm_head.weight")] if tied else []
+    loaded, unexpected, mis_shaped = set(), [], []
+    for file in safetensors_files(path):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = key_map(key)
+                    if name is None or name in tied_head:
+                        continue
+                    if name not in expected:
+                        unexpected.append(key)
+                        continue
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if shape != tuple(expected[name]):
+                        mis_shaped.append(f"{key} {shape} (model: {tuple(expected[name])})")
+                        continue
+                    set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                    loaded.add(name)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{file} is not a readable safetensors file ({error}); "
+                                  "it may be truncated: download or save it again") from None
+    missing = sorted(set(expected) - loaded - set(tied_head))
+    if missing or unexpected or mis_shaped:
+        problems = [f"missing: {missing}" if missing else "",
+                    f"unexpected: {unexpected}" if unexpected else "",
+                    f"wrong shape: {mis_shaped}" if mis_shaped else ""]
+        raise CheckpointError(f"{path} does not match the model config: "
+                              + "; ".join(p for p in problems if p))
+    if tied:
+        for name in tied_head:                                   # re-tie the output head
+            owner = model.get_submodule(name.rpartition(".")[0].replace("lm_head", "embed_tokens"))
+            model.get_submodule(name.rpartition(".")[0]).weight = owner.weight
+    return model.eval()
+
+
+@contextmanager
+def atomic_directory(out_dir):
+    """Yield a temporary directory beside out_dir; on success it replaces out_dir by renames.
+
+    A crash while writing leaves out_dir untouched (the temporary directory is removed or left
+    behind, never half-swapped in)."""
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
+        os.rename(out_dir, os.path.join(old, "previous"))
+    os.rename(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
