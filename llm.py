@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weights import CheckpointError, load_weights, read_config
+
 
 @dataclass
 class LLMConfig:
@@ -256,7 +258,6 @@ class LLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM directory."""
-        from weights import load_weights, read_config
         hf = read_config(path)
         config = llm_config_from_hf(hf, path)
         return load_weights(cls, config, path, hf_llm_key, dtype=dtype, device=device)
@@ -266,20 +267,22 @@ def llm_config_from_hf(hf, path):
     """Translate a Hugging Face Llama/Qwen2 config.json to an LLMConfig."""
     model_type = hf.get("model_type")
     if model_type not in ("llama", "qwen2", "mistral"):
-        raise ValueError(f"{path}: model_type {model_type!r} is not a Llama or Qwen2 causal LM")
-    if hf.get("rope_scaling"):
-        raise ValueError(f"{path}: rope_scaling {hf['rope_scaling']} is not supported; "
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a Llama or Qwen2 causal LM")
+    rope = hf.get("rope_parameters") or {}                      # transformers 5; older: top level
+    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling:
+        raise CheckpointError(f"{path}: rope scaling {scaling} is not supported; "
                          "use a checkpoint with plain rotary embeddings")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise ValueError(f"{path}: Llama attention_bias/mlp_bias checkpoints are not supported")
+        raise CheckpointError(f"{path}: Llama attention_bias/mlp_bias checkpoints are not supported")
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
+        raise CheckpointError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
     n_head = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
     return LLMConfig(
         vocab_size=hf["vocab_size"], width=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-        mlp_dim=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10000.0)),
+        mlp_dim=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
         norm_eps=hf.get("rms_norm_eps", 1e-6),
         qkv_bias=model_type == "qwen2",
         tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),

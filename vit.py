@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from weights import CheckpointError, load_weights, read_config
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -168,7 +170,6 @@ class ViT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face CLIP or SigLIP vision tower (or the vision half of the full model)."""
-        from weights import load_weights, read_config
         hf = read_config(path)
         config = vit_config_from_hf(hf, path)
         return load_weights(cls, config, path, hf_vit_key, dtype=dtype, device=device)
@@ -183,7 +184,7 @@ def vit_config_from_hf(hf, path):
     elif model_type.startswith("siglip"):
         family = "siglip"
     else:
-        raise ValueError(f"{path}: model_type {model_type!r} is not a CLIP or SigLIP vision model")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a CLIP or SigLIP vision model")
     is_clip = family == "clip"
     mean, std = (CLIP_MEAN, CLIP_STD) if is_clip else ((0.5,) * 3, (0.5,) * 3)
     preprocessor = os.path.join(path, "preprocessor_config.json")
@@ -203,11 +204,11 @@ def vit_config_from_hf(hf, path):
 
 
 def hf_vit_key(name):
-    """Hugging Face tensor name -> ours, or None for tensors the vision tower does not use."""
-    if not name.startswith("vision_model."):
-        return None                                  # text tower, logit scale, projections
-    name = name[len("vision_model."):]
-    if name.startswith("head."):
-        return None                                  # SigLIP's attention-pooling head
-    name = name.replace("encoder.layers.", "layers.").replace("pre_layrnorm.", "pre_layernorm.")
-    return name
+    """Hugging Face tensor name -> ours, or None for tensors the vision tower does not use.
+
+    Full CLIPModel/SiglipModel files (and older vision-only ones) prefix the tower's tensors with
+    `vision_model.`; vision-only files written by transformers 5 do not."""
+    name = name.removeprefix("vision_model.")
+    if name.split(".")[0] not in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm"):
+        return None                                  # text tower, projections, SigLIP's pooling head
+    return name.replace("encoder.layers.", "layers.").replace("pre_layrnorm.", "pre_layernorm.")

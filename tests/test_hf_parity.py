@@ -1,0 +1,130 @@
+"""Parity against Hugging Face `transformers` (the oracle) on tiny random checkpoints it writes."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")
+
+from llm import LLM  # noqa: E402
+from model import sample_next  # noqa: E402
+from vit import ViT  # noqa: E402
+from weights import CheckpointError  # noqa: E402
+
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              image_size=32, patch_size=8)
+
+
+def clip_vision():
+    return transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION))
+
+
+def clip_full():
+    config = transformers.CLIPConfig(vision_config=VISION, projection_dim=16,
+                                     text_config=dict(hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=2, num_attention_heads=4,
+                                                      vocab_size=99))
+    return transformers.CLIPModel(config)
+
+
+def siglip_vision():
+    return transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION))
+
+
+def siglip_full():
+    config = transformers.SiglipConfig(vision_config=VISION,
+                                       text_config=dict(hidden_size=32, intermediate_size=64,
+                                                        num_hidden_layers=2, num_attention_heads=4,
+                                                        vocab_size=99))
+    return transformers.SiglipModel(config)
+
+
+@pytest.mark.parametrize("build", [clip_vision, clip_full, siglip_vision, siglip_full])
+def test_vit_hidden_states_match(build, tmp_path):
+    torch.manual_seed(0)
+    hf = build().eval()
+    hf.save_pretrained(tmp_path, max_shard_size="40KB" if build is clip_full else "5GB")
+    ours = ViT.from_pretrained(str(tmp_path))
+    pixels = torch.randn(2, 3, 32, 32)
+    vision = hf.vision_model if hasattr(hf, "vision_model") else hf
+    with torch.no_grad():
+        expected = vision(pixel_values=pixels, output_hidden_states=True).hidden_states
+        got = ours(pixels)
+    assert len(got) == len(expected) == 4
+    for mine, theirs in zip(got, expected):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+    is_clip = "CLIP" in type(hf).__name__
+    assert ours.config.class_token == is_clip
+    assert ours.config.image_mean[0] == (0.48145466 if is_clip else 0.5)
+
+
+def llama():
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=8, num_key_value_heads=2, rope_theta=500000.0,
+        tie_word_embeddings=False, max_position_embeddings=256))
+
+
+def qwen2():
+    return transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=256))
+
+
+def randomise(model, std=0.2):
+    """Spread the weights (and Qwen2's biases) so that greedy decoding has no near-ties."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+@pytest.mark.parametrize("build,dtype,shard", [(llama, torch.float32, "60KB"),
+                                               (qwen2, torch.bfloat16, "5GB")],
+                         ids=["llama-gqa-untied-sharded", "qwen2-tied-bias-bf16"])
+def test_llm_logits_and_greedy_tokens_match(build, dtype, shard, tmp_path):
+    torch.manual_seed(0)
+    hf = randomise(build()).to(dtype).eval()
+    hf.save_pretrained(tmp_path, max_shard_size=shard)
+    if shard != "5GB":
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    hf = hf.float()                                              # the oracle runs in float32
+    ours = LLM.from_pretrained(str(tmp_path))
+    assert ours.config.tie_embeddings == (build is qwen2)
+    assert ours.config.qkv_bias == (build is qwen2)
+    ids = torch.randint(0, 128, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
+        expected = hf.generate(ids[:1], max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                               pad_token_id=0, eos_token_id=None)[0, 11:].tolist()
+        got, seq = [], ids[:1]
+        for _ in range(20):                                       # our greedy loop, no cache
+            token = int(sample_next(ours(seq)[:, -1]))
+            got.append(token)
+            seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+    assert got == expected
+
+
+def test_mismatched_checkpoint_lists_the_problems(tmp_path):
+    torch.manual_seed(0)
+    hf = llama()
+    state = hf.state_dict()
+    state.pop("model.norm.weight")
+    state["model.extra.weight"] = torch.zeros(3)
+    state["lm_head.weight"] = torch.zeros(5, 64)
+    hf.save_pretrained(tmp_path, state_dict=state)
+    with pytest.raises(CheckpointError) as error:
+        LLM.from_pretrained(str(tmp_path))
+    message = str(error.value)
+    assert "'norm.weight'" in message.split("missing:")[1].split(";")[0]
+    assert "unexpected: ['model.extra.weight']" in message
+    assert "lm_head.weight (5, 64)" in message
+
+
+def test_wrong_kind_of_checkpoint_is_a_clear_error(tmp_path):
+    llama().save_pretrained(tmp_path / "llama")
+    with pytest.raises(CheckpointError, match="not a CLIP or SigLIP vision model"):
+        ViT.from_pretrained(str(tmp_path / "llama"))
+    clip_vision().save_pretrained(tmp_path / "clip")
+    with pytest.raises(CheckpointError, match="not a Llama or Qwen2 causal LM"):
+        LLM.from_pretrained(str(tmp_path / "clip"))
