@@ -133,3 +133,11 @@ def atomic_directory(out_dir):
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(path):
+    """A checkpoint directory, or a training out_dir holding one in checkpoint/."""
+    nested = os.path.join(path, "checkpoint")
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(nested):
+        return nested
+    return path

@@ -1,0 +1,135 @@
+"""train.py, sample.py and eval.py as a user runs them: outputs, resume, and bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# A model small enough that a few steps take a second or two.
+SMALL = ("--vit.image_size 16 --vit.patch_size 8 --vit.width 16 --vit.n_layer 2 --vit.n_head 2 "
+         "--vit.mlp_dim 32 --llm.width 32 --llm.n_layer 2 --llm.n_head 2 --llm.n_kv_head 1 "
+         "--llm.mlp_dim 64 --batch_size 4 --n_val 8 --n_test 8 --warmup_iters 2").split()
+
+
+def run(script, *args, check=True):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def bad(script, *args, match):
+    """Bad input: a non-zero exit, one line on stderr that says what is wrong, no traceback."""
+    result = run(script, *args, check=False)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert lines and match in lines[-1], result.stderr
+    assert len(lines) <= 2, result.stderr                      # argparse adds a usage line
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    run("train.py", "--config", "tiny", *SMALL, "--max_iters", 6, "--log_interval", 2,
+        "--eval_interval", 3, "--checkpoint_interval", 3, "--out_dir", out)
+    return out
+
+
+def test_train_writes_checkpoint_metrics_and_eval(trained):
+    assert sorted(os.listdir(trained / "checkpoint")) == ["config.json", "model.safetensors",
+                                                          "tokenizer.json", "train_state.pt"]
+    records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 3, 4, 6]
+    assert all("loss" in r for r in records if r["step"] % 2 == 0)
+    assert "val_loss" in records[-1]
+    metrics = json.loads((trained / "eval.json").read_text())
+    for key in ("exact_match", "object_f1", "shape_acc", "color_acc", "size_acc", "texture_acc",
+                "position_acc", "count_acc", "val_loss"):
+        assert 0 <= metrics[key] or key == "val_loss"
+
+
+def test_sample_and_eval(trained, tmp_path):
+    Image.new("RGB", (50, 40), (255, 255, 255)).save(tmp_path / "a.png")
+    Image.new("L", (300, 300), 128).save(tmp_path / "b.jpg")
+    one = run("sample.py", "--image", tmp_path / "a.png", "--checkpoint", trained)
+    assert one.stdout.strip()
+    two = run("sample.py", "--image", tmp_path / "a.png", tmp_path / "b.jpg", "--checkpoint", trained,
+              "--temperature", 0.8, "--top_k", 5, "--top_p", 0.9, "--prompt", "a small")
+    lines = two.stdout.strip().splitlines()
+    assert len(lines) == 2 and all(": a small" in line for line in lines)
+    result = run("eval.py", "--checkpoint", trained, "--split", "val", "--n", 8)
+    assert "object_f1" in result.stdout
+    assert "object_f1" in json.loads((trained / "eval_val.json").read_text())
+
+
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
+    common = ["--config", "tiny", *SMALL, "--max_iters", 24, "--checkpoint_interval", 4,
+              "--eval_interval", 1000, "--n_test", 1]
+    run("train.py", *common, "--out_dir", tmp_path / "straight")
+    interrupted = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out_dir",
+                                str(interrupted)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    state = interrupted / "checkpoint" / "train_state.pt"
+    while not state.exists() and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    run("train.py", *common, "--out_dir", interrupted, "--resume")
+    straight = (tmp_path / "straight" / "checkpoint" / "model.safetensors").read_bytes()
+    assert (interrupted / "checkpoint" / "model.safetensors").read_bytes() == straight
+    steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 24
+
+
+def test_bad_command_lines(trained, tmp_path):
+    bad("train.py", "--config", "huge", match="unknown --config 'huge'")
+    bad("train.py", "--max_itres", 5, match="unknown option --max_itres (did you mean --max_iters")
+    bad("train.py", "--max_iters", "ten", match="--max_iters takes an integer")
+    bad("train.py", "--max_iters", 0, match="--max_iters must be positive")
+    bad("train.py", "--max_iters", -3, match="--max_iters must be positive")
+    bad("train.py", "--fusion", "late", match="fusion must be one of")
+    bad("train.py", "--resume", "--out_dir", tmp_path / "none", match="no training checkpoint")
+    bad("train.py", "--data", tmp_path / "nothing", match="does not exist")
+    (tmp_path / "empty").mkdir()
+    bad("train.py", "--data", tmp_path / "empty", match="has no caption file")
+    bad("train.py", "--config", "tiny", *SMALL, "--llm.width", 48, "--resume", "--out_dir", trained,
+        match="does not match the model config")
+
+
+def test_bad_images_and_checkpoints(trained, tmp_path):
+    bad("sample.py", "--image", tmp_path / "missing.png", "--checkpoint", trained, match="does not exist")
+    bad("sample.py", "--image", tmp_path, "--checkpoint", trained, match="is a directory")
+    (tmp_path / "empty.png").write_bytes(b"")
+    bad("sample.py", "--image", tmp_path / "empty.png", "--checkpoint", trained, match="empty file")
+    (tmp_path / "notes.png").write_text("hello")
+    bad("sample.py", "--image", tmp_path / "notes.png", "--checkpoint", trained, match="not a readable image")
+    Image.new("RGB", (64, 64), (9, 9, 9)).save(tmp_path / "full.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:60])
+    bad("sample.py", "--image", tmp_path / "cut.png", "--checkpoint", trained, match="not a readable image")
+    bad("sample.py", "--image", tmp_path / "full.png", "--checkpoint", tmp_path / "nowhere",
+        match="does not exist")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.json").write_text((trained / "checkpoint" / "config.json").read_text())
+    bad("sample.py", "--image", tmp_path / "full.png", "--checkpoint", tmp_path / "half",
+        match="no model.safetensors")
+    bad("sample.py", "--image", tmp_path / "full.png", "--checkpoint", trained, "--top_p", 2,
+        match="--top_p in (0, 1]")
+    bad("eval.py", "--checkpoint", tmp_path / "nowhere", match="does not exist")
+
+
+def test_sample_without_a_checkpoint_says_what_to_run(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--image",
+                             str(tmp_path / "x.png")], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "python train.py --config tiny" in result.stderr
