@@ -15,6 +15,7 @@ The image occupies one contiguous span of positions, `image_span=(start, end)`, 
 row of the batch.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -51,15 +52,18 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x):
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+    def forward(self, x):                                        # one fused op instead of seven
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def inverse_frequencies(head_dim, theta, device):
+    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
 
 
 def rope_cos_sin(position_ids, head_dim, theta, dtype):
     """Rotary tables for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=position_ids.device).float() / head_dim)
+    inv_freq = inverse_frequencies(head_dim, theta, position_ids.device)
     freqs = position_ids.float()[..., None] * inv_freq           # (B, T, head_dim/2)
     angles = torch.cat([freqs, freqs], dim=-1)                   # (B, T, head_dim)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]

@@ -1,0 +1,369 @@
+"""What each fusion and attention mode costs, measured on this machine.
+
+    python bench.py [--device cpu|cuda] [--shape tiny|paper|mini] [--json out.json]
+
+One markdown table, one row per mode, every time also as a ratio to `llava` measured in the
+same run. FLOPs per sample come from `torch.utils.flop_counter.FlopCounterMode` and are checked
+against the closed form below (`closed_form_flops`); scaled_dot_product_attention counts 0 FLOPs
+on CPU in torch 2.13, so attention always comes from the closed form. The machine limit is this
+machine's dense matmul throughput (fp32 on CPU, bf16 on CUDA); MFU is a training row's achieved
+FLOP/s over it. `--shape paper` keeps the paper's widths and token counts (CLIP ViT-L/14-336,
+576 tokens per view; Vicuna-7B; 64 text tokens) with 1 ViT and 1 LLM layer so that it fits a
+laptop, and adds the FLOPs at full depth (24 / 32 layers) in their own column.
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import statistics
+import sys
+import time
+import weakref
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from llm import KVCache, LLMConfig
+from model import SparseCut, SparseCutConfig
+from vit import ViTConfig
+
+MODES = {  # row name: (fusion, shortcuts, attention, visual_ffn)
+    "llava": ("llava", "none", "causal", True),
+    "concat": ("concat", "none", "causal", True),
+    "fusion-only": ("sparsecut", "none", "causal", True),
+    "sparsecut": ("sparsecut", "uniform", "causal", True),
+    "llava+composite": ("llava", "none", "composite", True),
+    "sparsecut+composite": ("sparsecut", "uniform", "composite", True),
+    "llava+composite-noffn": ("llava", "none", "composite", False),
+    "sparsecut+composite-noffn": ("sparsecut", "uniform", "composite", False),
+}
+
+SHAPES = {  # vit, llm, text tokens, batch, full depths (vit, llm) for the scaled FLOPs column
+    "mini": (ViTConfig(image_size=16, patch_size=4, width=32, n_layer=2, n_head=2, mlp_dim=64),
+             LLMConfig(vocab_size=64, width=32, n_layer=2, n_head=4, n_kv_head=2, mlp_dim=64),
+             12, 2, None),
+    "tiny": (ViTConfig(image_size=48, patch_size=8, width=96, n_layer=4, n_head=4, mlp_dim=384),
+             LLMConfig(vocab_size=33, width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384),
+             25, 32, None),
+    "paper": (ViTConfig(image_size=336, patch_size=14, width=1024, n_layer=1, n_head=16, mlp_dim=4096),
+              LLMConfig(vocab_size=32000, width=4096, n_layer=1, n_head=32, n_kv_head=32, mlp_dim=11008,
+                        tie_embeddings=False),
+              64, 1, (24, 32)),
+}
+
+
+def mode_config(shape, mode):
+    vit, llm, _, _, _ = SHAPES[shape]
+    fusion, shortcuts, attention, visual_ffn = MODES[mode]
+    return SparseCutConfig(vit=dataclasses.replace(vit), llm=dataclasses.replace(llm), fusion=fusion,
+                           shortcuts=shortcuts, attention=attention, visual_ffn=visual_ffn,
+                           input_layer=-1 if vit.n_layer == 1 else -2)
+
+
+# --- FLOPs -------------------------------------------------------------------------------------
+
+def closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers=None):
+    """Forward FLOPs per sample, 2 per multiply-add, split vision / fusion / llm (+ llm_attention,
+    the part of llm inside scaled_dot_product_attention, which computes the full rectangle).
+
+    vision: V views x (patch embedding + vit_depth blocks of qkv/out (4 D^2), MLP (2 D M) and
+            attention (2 T^2 D)), V = 1 for llava, 5 otherwise.
+    fusion: one fuser per use (input + each shortcut): cross_mlp 5D -> d -> d on G^2 tokens;
+            the baselines' projector D -> d -> d on each visual token.
+    llm:    per layer, q rows Q (T, or the text rows under composite attention), F rows through
+            the FFN (T, or the text rows without visual FFN): q 2 Q d Hh, k/v 2 T d 2 Kh, o 2 T Hh d
+            (the aligner also uses o), FFN 2 F 3 d M, attention 2 Q T Hh x 2; then the head on text.
+    """
+    v, l = config.vit, config.llm
+    G2, D, d = v.grid ** 2, v.width, l.width
+    views = 1 if config.fusion == "llava" else 5
+    T_vit = G2 + int(v.class_token)
+    vit_attention = views * vit_depth * 2 * 2 * T_vit * T_vit * D
+    block = 2 * T_vit * (4 * D * D + 2 * D * v.mlp_dim)
+    vision = views * (2 * G2 * 3 * v.patch_size ** 2 * D + vit_depth * block) + vit_attention
+    if config.fusion == "sparsecut":
+        fusion = (1 + len(plan)) * 2 * G2 * (5 * D * d + d * d)
+    else:
+        fusion = 2 * config.n_image_tokens * (D * d + d * d)
+    N = config.n_image_tokens
+    T = N + text_tokens
+    composite = config.attention == "composite"
+    Q = T - N if composite else T
+    F = T - N if composite and not config.visual_ffn else T
+    hd, H, K = l.dim_per_head, l.n_head, l.n_kv_head
+    attention = 2 * 2 * Q * T * H * hd
+    layer = 2 * Q * d * H * hd + 2 * T * d * 2 * K * hd + 2 * T * H * hd * d + 2 * F * 3 * d * l.mlp_dim
+    n = llm_layers or l.n_layer
+    head = 2 * text_tokens * d * l.vocab_size
+    return {"vision": vision, "fusion": fusion, "llm": n * (layer + attention) + head,
+            "vision_attention": vit_attention, "llm_attention": n * attention}
+
+
+def counted_flops(model, images, input_ids):
+    """FlopCounterMode per part, without scaled_dot_product_attention (added from the closed form)."""
+    flops = {}
+    with FlopCounterMode(display=False) as counter:
+        model(images, input_ids)
+    by_module = counter.get_flop_counts()
+    total = lambda prefix: sum(by_module.get(prefix, {}).values())
+    flops["vision"] = total("SparseCut.vit")
+    flops["fusion"] = sum(total(name) for name in by_module
+                          if name.startswith("SparseCut.fusers.") and name.count(".") == 2)
+    flops["llm"] = total("SparseCut") - flops["vision"] - flops["fusion"]  # incl. the head
+    return flops
+
+
+# --- timing and memory -------------------------------------------------------------------------
+
+def median_time(fn, device, repeats, warmup=2):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+class LiveTensorBytes(TorchDispatchMode):
+    """CPU peak memory: bytes of tensor storages created inside the mode and still alive."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, set()
+
+    def track(self, tensor):
+        storage = tensor.untyped_storage()
+        key = storage.data_ptr()
+        if key in self.seen or storage.nbytes() == 0:
+            return
+        self.seen.add(key)
+        self.live += storage.nbytes()
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self.release, key, storage.nbytes())
+
+    def release(self, key, nbytes):
+        self.seen.discard(key)
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type == "cpu":
+                self.track(tensor)
+        return out
+
+
+def peak_memory(fn, device, baseline_bytes):
+    """Peak bytes during fn: CUDA's allocator peak, or live tensors on CPU plus the baseline
+    (parameters and optimizer state that exist before the step)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated()
+    with LiveTensorBytes() as tracker:
+        fn()
+    return baseline_bytes + tracker.peak
+
+
+def matmul_peak(device, dtype):
+    n = 4096 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = median_time(lambda: a @ b, device, repeats=10)
+    return 2 * n ** 3 / seconds
+
+
+# --- one row -----------------------------------------------------------------------------------
+
+def bench_mode(shape, mode, device, repeats, decode_tokens):
+    config = mode_config(shape, mode)
+    _, _, text_tokens, batch, full_depth = SHAPES[shape]
+    torch.manual_seed(0)
+    model = SparseCut(config).to(device)
+    R = config.vit.image_size
+    images = torch.rand(batch, 3, 2 * R, 2 * R, device=device)
+    input_ids = torch.randint(4, config.llm.vocab_size, (batch, text_tokens), device=device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    def train_step():
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(images, input_ids, input_ids)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    model.train()
+    train_s = median_time(train_step, device, repeats)
+    state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                       if torch.is_tensor(t))
+    peak = peak_memory(train_step, device, state_bytes)
+
+    model.eval()
+    flops = counted_flops(model, images[:1], input_ids[:1])
+    closed = closed_form_flops(config, model.plan, text_tokens, model.vit_depth)
+    flops["vision"] += closed["vision_attention"]
+    flops["llm"] += closed["llm_attention"]
+    one_image = images[:1]
+    prompt = [[1] * text_tokens]
+    config.eos_id = -1                                         # decode exactly decode_tokens
+
+    @torch.no_grad()
+    def prefill():
+        model.generate(one_image, prompt, max_new_tokens=1)
+
+    @torch.no_grad()
+    def generate():
+        model.generate(one_image, prompt, max_new_tokens=decode_tokens + 1)
+
+    prefill_s = median_time(prefill, device, repeats)
+    decode_s = max(median_time(generate, device, repeats) - prefill_s, 1e-9)
+    row = {"mode": mode, "params": sum(p.numel() for p in params),
+           "llm_seq_len": config.n_image_tokens + text_tokens,
+           "flops": {k: flops[k] for k in ("vision", "fusion", "llm")},
+           "flops_closed_form": {k: closed[k] for k in ("vision", "fusion", "llm")},
+           "train_step_s": train_s, "prefill_s": prefill_s,
+           "decode_tokens_per_s": decode_tokens / decode_s, "peak_mem_bytes": peak}
+    if full_depth:
+        vit_layers, llm_layers = full_depth
+        deep = closed_form_flops(config, [(1, 0)] * 8 * (MODES[mode][1] != "none"), text_tokens,
+                                 vit_layers - 1, llm_layers)
+        row["flops_full_depth"] = {k: deep[k] for k in ("vision", "fusion", "llm")}
+    return row
+
+
+# --- the reference: transformers' Llama with the same weights ----------------------------------
+
+def bench_reference(shape, device, repeats, decode_tokens):
+    """Our LLM against transformers' LlamaForCausalLM, same config and weights."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    from llm import LLM
+    _, l, text_tokens, batch, _ = SHAPES[shape]
+    l = dataclasses.replace(l, n_layer=l.n_layer, tie_embeddings=False)
+    torch.manual_seed(0)
+    ours = LLM(l).to(device)
+    theirs = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=l.vocab_size, hidden_size=l.width, intermediate_size=l.mlp_dim,
+        num_hidden_layers=l.n_layer, num_attention_heads=l.n_head, num_key_value_heads=l.n_kv_head,
+        rope_theta=l.rope_theta, rms_norm_eps=l.norm_eps, tie_word_embeddings=False,
+        attn_implementation="sdpa")).to(device)
+    theirs.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
+                            for k, v in ours.state_dict().items()})
+    seq = 64 + text_tokens
+    ids = torch.randint(0, l.vocab_size, (batch, seq), device=device)
+    results = {}
+    for name, model, logits_of in (("ours", ours, lambda out: out), ("transformers", theirs, lambda out: out.logits)):
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def step():
+            logits = logits_of(model(ids))
+            torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        results[name] = {"train_step_s": median_time(step, device, repeats)}
+    prompt = ids[:1, :seq // 2]
+
+    @torch.no_grad()
+    def ours_generate():
+        cache = KVCache(l, 1, prompt.shape[1] + decode_tokens, device, torch.float32)
+        token = ours(prompt, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+        for _ in range(decode_tokens - 1):
+            token = ours(token, kv_cache=cache)[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def theirs_generate():
+        theirs.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                        do_sample=False, pad_token_id=0)
+
+    ours.eval(), theirs.eval()
+    results["ours"]["generate_tokens_per_s"] = decode_tokens / median_time(ours_generate, device, repeats)
+    results["transformers"]["generate_tokens_per_s"] = decode_tokens / median_time(theirs_generate, device, repeats)
+    return {"train_step_ratio": results["ours"]["train_step_s"] / results["transformers"]["train_step_s"],
+            "decode_ratio": results["ours"]["generate_tokens_per_s"] / results["transformers"]["generate_tokens_per_s"],
+            **{f"{k}_{name}": v for name, r in results.items() for k, v in r.items()}}
+
+
+# --- report ------------------------------------------------------------------------------------
+
+def table(report):
+    rows = report["rows"]
+    base = rows[0]
+    full = "flops_full_depth" in base
+    header = ["mode", "params", "LLM seq", "GFLOP vision / fusion / LLM"]
+    header += ["LLM GFLOP at full depth"] if full else []
+    header += ["train step s (x llava)", "MFU", "prefill s (x llava)", "decode tok/s (x llava)",
+               "peak MiB (x llava)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        f = r["flops"]
+        cells = [r["mode"], f"{r['params'] / 1e6:.2f}M", str(r["llm_seq_len"]),
+                 f"{f['vision'] / 1e9:.3f} / {f['fusion'] / 1e9:.3f} / {f['llm'] / 1e9:.3f}"]
+        cells += [f"{r['flops_full_depth']['llm'] / 1e9:.1f}"] if full else []
+        cells += [f"{r['train_step_s']:.4f} ({r['train_step_s'] / base['train_step_s']:.2f})",
+                  f"{r['mfu']:.1%}",
+                  f"{r['prefill_s']:.4f} ({r['prefill_s'] / base['prefill_s']:.2f})",
+                  f"{r['decode_tokens_per_s']:.1f} ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f})",
+                  f"{r['peak_mem_bytes'] / 2**20:.0f} ({r['peak_mem_bytes'] / base['peak_mem_bytes']:.2f})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(shape, device, repeats, decode_tokens, reference=True):
+    device = torch.device(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    peak = matmul_peak(device, dtype)
+    batch = SHAPES[shape][3]
+    rows = []
+    for mode in MODES:
+        row = bench_mode(shape, mode, device, repeats, decode_tokens)
+        train_flops = 3 * batch * sum(row["flops"].values())    # backward ~ 2x forward
+        row["mfu"] = train_flops / row["train_step_s"] / peak
+        rows.append(row)
+        print(f"measured {mode}", file=sys.stderr, flush=True)
+    machine = {"device": str(device), "platform": platform.platform(), "processor": platform.processor(),
+               "threads": torch.get_num_threads(), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    return {"machine": machine, "shape": shape, "peak_flops": peak, "rows": rows,
+            "reference": bench_reference(shape, device, repeats, decode_tokens) if reference else None}
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--shape", default="tiny", choices=list(SHAPES))
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--decode_tokens", type=int, default=32)
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    report = run(args.shape, args.device, args.repeats, args.decode_tokens)
+    print(f"machine: {report['machine']}; matmul peak {report['peak_flops'] / 1e9:.1f} GFLOP/s")
+    print(table(report))
+    if report["reference"]:
+        ref = report["reference"]
+        print(f"reference (transformers LlamaForCausalLM, same weights): train step ratio "
+              f"{ref['train_step_ratio']:.2f} (ours / theirs time), greedy decode ratio "
+              f"{ref['decode_ratio']:.2f} (ours / theirs tokens/s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    from train import run_cli
+    run_cli(main, sys.argv[1:])
