@@ -64,7 +64,7 @@ def mode_config(shape, mode):
 
 # --- FLOPs -------------------------------------------------------------------------------------
 
-def closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers=None):
+def closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers=None, head_rows=None):
     """Forward FLOPs per sample, 2 per multiply-add, split vision / fusion / llm (+ llm_attention,
     the part of llm inside scaled_dot_product_attention, which computes the full rectangle).
 
@@ -74,7 +74,8 @@ def closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers=None):
             the baselines' projector D -> d -> d on each visual token.
     llm:    per layer, q rows Q (T, or the text rows under composite attention), F rows through
             the FFN (T, or the text rows without visual FFN): q 2 Q d Hh, k/v 2 T d 2 Kh, o 2 T Hh d
-            (the aligner also uses o), FFN 2 F 3 d M, attention 2 Q T Hh x 2; then the head on text.
+            (the aligner also uses o), FFN 2 F 3 d M, attention 2 Q T Hh x 2; then the head on
+            head_rows rows (training: the text; prefill: the last row only).
     """
     v, l = config.vit, config.llm
     G2, D, d = v.grid ** 2, v.width, l.width
@@ -96,7 +97,7 @@ def closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers=None):
     attention = 2 * 2 * Q * T * H * hd
     layer = 2 * Q * d * H * hd + 2 * T * d * 2 * K * hd + 2 * T * H * hd * d + 2 * F * 3 * d * l.mlp_dim
     n = llm_layers or l.n_layer
-    head = 2 * text_tokens * d * l.vocab_size
+    head = 2 * (text_tokens if head_rows is None else head_rows) * d * l.vocab_size
     return {"vision": vision, "fusion": fusion, "llm": n * (layer + attention) + head,
             "vision_attention": vit_attention, "llm_attention": n * attention}
 
@@ -117,7 +118,7 @@ def counted_flops(model, images, input_ids):
 
 # --- timing and memory -------------------------------------------------------------------------
 
-def median_time(fn, device, repeats, warmup=2):
+def median_time(fn, device, repeats, warmup=1):
     for _ in range(warmup):
         fn()
     times = []
@@ -203,11 +204,12 @@ def bench_mode(shape, mode, device, repeats, decode_tokens):
         optimizer.zero_grad(set_to_none=True)
 
     model.train()
-    train_s = median_time(train_step, device, repeats)
+    train_step()                                 # warm-up; creates the optimizer state
     state_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                       if torch.is_tensor(t))
+    state_bytes += sum(t.numel() * t.element_size() for s in optimizer.state.values()
+                       for t in s.values() if torch.is_tensor(t))
     peak = peak_memory(train_step, device, state_bytes)
+    train_s = median_time(train_step, device, repeats, warmup=0)
 
     model.eval()
     flops = counted_flops(model, images[:1], input_ids[:1])
@@ -228,16 +230,20 @@ def bench_mode(shape, mode, device, repeats, decode_tokens):
 
     prefill_s = median_time(prefill, device, repeats)
     decode_s = max(median_time(generate, device, repeats) - prefill_s, 1e-9)
+    if full_depth:      # the paper's depths: 8 shortcuts, the ViT run to its penultimate layer
+        plan, vit_depth, llm_layers = [(1, 0)] * 8 * bool(model.plan), full_depth[0] - 1, full_depth[1]
+    else:
+        plan, vit_depth, llm_layers = model.plan, model.vit_depth, None
+    prefill = closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers, head_rows=1)
     row = {"mode": mode, "params": sum(p.numel() for p in params),
            "llm_seq_len": config.n_image_tokens + text_tokens,
            "flops": {k: flops[k] for k in ("vision", "fusion", "llm")},
            "flops_closed_form": {k: closed[k] for k in ("vision", "fusion", "llm")},
            "train_step_s": train_s, "prefill_s": prefill_s,
-           "decode_tokens_per_s": decode_tokens / decode_s, "peak_mem_bytes": peak}
+           "decode_tokens_per_s": decode_tokens / decode_s, "peak_mem_bytes": peak,
+           "prefill_llm_flops": prefill["llm"]}
     if full_depth:
-        vit_layers, llm_layers = full_depth
-        deep = closed_form_flops(config, [(1, 0)] * 8 * (MODES[mode][1] != "none"), text_tokens,
-                                 vit_layers - 1, llm_layers)
+        deep = closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers)
         row["flops_full_depth"] = {k: deep[k] for k in ("vision", "fusion", "llm")}
     return row
 
@@ -305,7 +311,7 @@ def table(report):
     full = "flops_full_depth" in base
     header = ["mode", "params", "LLM seq", "GFLOP vision / fusion / LLM"]
     header += ["LLM GFLOP at full depth"] if full else []
-    header += ["train step s (x llava)", "MFU", "prefill s (x llava)", "decode tok/s (x llava)",
+    header += ["train step s (x llava)", "MFU", "prefill LLM GFLOP (x llava)", "prefill s (x llava)", "decode tok/s (x llava)",
                "peak MiB (x llava)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -315,6 +321,7 @@ def table(report):
         cells += [f"{r['flops_full_depth']['llm'] / 1e9:.1f}"] if full else []
         cells += [f"{r['train_step_s']:.4f} ({r['train_step_s'] / base['train_step_s']:.2f})",
                   f"{r['mfu']:.1%}",
+                  f"{r['prefill_llm_flops'] / 1e9:.2f} ({r['prefill_llm_flops'] / base['prefill_llm_flops']:.2f})",
                   f"{r['prefill_s']:.4f} ({r['prefill_s'] / base['prefill_s']:.2f})",
                   f"{r['decode_tokens_per_s']:.1f} ({r['decode_tokens_per_s'] / base['decode_tokens_per_s']:.2f})",
                   f"{r['peak_mem_bytes'] / 2**20:.0f} ({r['peak_mem_bytes'] / base['peak_mem_bytes']:.2f})"]
@@ -346,9 +353,12 @@ def main(argv):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--shape", default="tiny", choices=list(SHAPES))
     parser.add_argument("--json", default=None)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--decode_tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=None, help="default: 5 (paper: 1)")
+    parser.add_argument("--decode_tokens", type=int, default=None, help="default: 32 (paper: 4)")
     args = parser.parse_args(argv)
+    paper = args.shape == "paper"                   # seconds per step on a CPU: measure once
+    args.repeats = args.repeats or (1 if paper else 5)
+    args.decode_tokens = args.decode_tokens or (4 if paper else 32)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here")
     report = run(args.shape, args.device, args.repeats, args.decode_tokens)

@@ -179,6 +179,7 @@ def build_tokenizer(words):
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.add_special_tokens(SPECIAL_TOKENS)                  # same ids; skipped by decode
     return tokenizer
 
 
@@ -195,13 +196,13 @@ def load_tokenizer(path):
     return Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
 
 
-def encode(tokenizer, text):
-    """[BOS] + word ids + [EOS]."""
-    return [1] + tokenizer.encode(text).ids + [2]
+def encode(tokenizer, text, bos_id=1, eos_id=2):
+    """[BOS] + token ids + [EOS] (the tokenizer's own template, if any, is not applied)."""
+    return [bos_id] + tokenizer.encode(text, add_special_tokens=False).ids + [eos_id]
 
 
 def decode(tokenizer, ids):
-    return tokenizer.decode([i for i in ids if i >= len(SPECIAL_TOKENS)])
+    return tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def batch_captions(token_lists, max_len):
@@ -299,3 +300,75 @@ def parse_caption_file(path):
                 pairs.append((record["image"], answers[0].strip()))
         return pairs
     raise DataError(f"{path} is neither COCO captions JSON nor LLaVA conversation JSON")
+
+
+# --- data --------------------------------------------------------------------------------------
+
+class ShapesData:
+    """Fresh Shapes images every step, deterministic in (seed, step): resuming at a step
+    resumes the data exactly, and no image repeats."""
+
+    def __init__(self, config, tokenizer=None):
+        self.config = config
+        self.tokenizer = tokenizer or build_tokenizer(shapes_vocabulary())
+
+    def batch(self, step, part=0, parts=1):
+        """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step.
+        The global batch is generated once per step and cut for the micro-batches and ranks."""
+        if getattr(self, "_cached", (None,))[0] != (step, parts):
+            images, captions = shapes_split("train", self.config.batch_size * parts,
+                                            seed=self.config.seed * 1_000_003 + step)
+            self._cached = ((step, parts), to_tensor(images), captions)
+        _, images, captions = self._cached
+        rows = slice(part * self.config.batch_size, (part + 1) * self.config.batch_size)
+        return images[rows], captions[rows]
+
+    def split(self, name, n):
+        images, captions = shapes_split(name, n)
+        return to_tensor(images), captions
+
+
+class FolderData:
+    """A folder of captioned images: 90/5/5 train/val/test split, shuffled each epoch by seed."""
+
+    def __init__(self, config, tokenizer=None):
+        self.config = config
+        pairs = read_caption_pairs(config.data)
+        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed))
+        pairs = [pairs[i] for i in order]
+        n_held = max(1, len(pairs) // 20)
+        self.splits = {"test": pairs[:n_held], "val": pairs[n_held:2 * n_held],
+                       "train": pairs[2 * n_held:] or pairs}
+        self.tokenizer = tokenizer or tokenizer_for_captions([c for _, c in self.splits["train"]])
+        self.size = 2 * config.model.vit.image_size
+
+    def load(self, pairs):
+        return torch.stack([load_image(p, self.size) for p, _ in pairs]), [c for _, c in pairs]
+
+    def batch(self, step, part=0, parts=1):
+        """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step."""
+        train, bs = self.splits["train"], self.config.batch_size
+        epoch, offset = divmod((step * parts + part) * bs, len(train))
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.config.seed + epoch))
+        return self.load([train[order[(offset + k) % len(train)]] for k in range(bs)])
+
+    def split(self, name, n):
+        return self.load(self.splits[name][:n])
+
+
+def make_data(config):
+    """Shapes or a caption folder; the tokenizer of a pretrained LLM (llm_path) when there is one."""
+    tokenizer = None
+    if config.model.llm_path:
+        if not os.path.isfile(os.path.join(config.model.llm_path, "tokenizer.json")):
+            raise DataError(f"{config.model.llm_path} has no tokenizer.json: the tokenizer comes from "
+                            "the LLM's directory (download it with the weights)")
+        tokenizer = load_tokenizer(config.model.llm_path)
+    return (ShapesData if config.data == "shapes" else FolderData)(config, tokenizer)
+
+
+def caption_tokens(data, captions, config):
+    """input_ids and labels (B, T) of captions, framed by the model's BOS and EOS."""
+    m = config.model
+    return batch_captions([encode(data.tokenizer, c, m.bos_id, m.eos_id) for c in captions],
+                          config.max_caption_tokens)

@@ -138,7 +138,8 @@ def print_table(metrics, title):
 def main(argv):
     from data import load_tokenizer
     from model import SparseCut
-    from train import CONFIGS, make_data, split_loss
+    from data import make_data
+    from train import CONFIGS, split_loss
     from weights import checkpoint_dir
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--checkpoint", default="out/tiny")

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from weights import CheckpointError, load_weights, read_config
 
@@ -220,6 +221,7 @@ class LLM(nn.Module):
         self.lm_head = nn.Linear(config.width, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.checkpoint_layers = False        # activation checkpointing while training
 
     def forward(self, input_ids=None, *, inputs_embeds=None, position_ids=None, kv_cache=None,
                 attention_mask=None, injections=None, image_span=None, attention="causal",
@@ -253,7 +255,11 @@ class LLM(nn.Module):
             if injections and i in injections:
                 s, e = image_span
                 h = h + F.pad(injections[i].to(h.dtype), (0, 0, s, T - e))  # image rows only
-            h = layer(h, cos, sin, mask, kv_cache, composite_span, visual_ffn)
+            if self.checkpoint_layers and torch.is_grad_enabled():
+                h = checkpoint(layer, h, cos, sin, mask, kv_cache, composite_span, visual_ffn,
+                               use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, mask, kv_cache, composite_span, visual_ffn)
         if kv_cache is not None:
             kv_cache.length += T
         h = self.norm(h)

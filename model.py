@@ -15,7 +15,7 @@ logits for the text positions only, so logits[:, j] predicts input_ids[:, j + 1]
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.nn as nn
@@ -25,7 +25,7 @@ from fusion import image_views, make_fuser, patch_tokens, split_views
 from llm import LLM, KVCache, LLMConfig
 from shortcuts import ShortcutGates, injections, shortcut_plan
 from vit import ViT, ViTConfig
-from weights import CheckpointError, atomic_directory, load_weights, read_config
+from weights import CheckpointError, atomic_directory, fill_weights, load_weights, read_config
 
 CHOICES = {
     "fusion": ("llava", "concat", "sparsecut"),
@@ -53,6 +53,8 @@ class SparseCutConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
+    vit_path: str = ""             # Hugging Face directories of pretrained backbones (real runs);
+    llm_path: str = ""             # their configs replace vit/llm, and checkpoints may omit them
 
     def __post_init__(self):
         for name, allowed in CHOICES.items():
@@ -123,14 +125,39 @@ class SparseCut(nn.Module):
         self.fusers = nn.ModuleList(make_fuser(config) for _ in range(1 + len(self.plan) * per_layer))
         self.gates = ShortcutGates(len(self.plan)) if config.shortcut_gate == "zero" and self.plan else None
         self.apply(init_weights)
-        # The ViT runs only as deep as the deepest state used; the blocks above it and the final
-        # layernorm (the model uses un-normalised states, as LLaVA does) are frozen: they get no
-        # gradient and the optimizer should not see them.
         self.input_layer = config.input_layer % (config.vit.n_layer + 1)   # -2 -> n_layer - 1
         self.vit_depth = max([self.input_layer] + [vit_layer for vit_layer, _ in self.plan])
+        self.freeze_unused_vit()
+
+    def freeze_unused_vit(self):
+        """The ViT runs only as deep as the deepest state used; the blocks above it and the final
+        layernorm (the model uses un-normalised states, as LLaVA does) get no gradient: frozen."""
         for block in self.vit.layers[self.vit_depth:]:
             block.requires_grad_(False)
         self.vit.post_layernorm.requires_grad_(False)
+
+    @classmethod
+    def from_backbones(cls, config, device="cpu", dtype=torch.float32):
+        """The paper's setting: pretrained ViT and LLM from config.vit_path / config.llm_path
+        (Hugging Face directories), fusion and gates initialised from scratch. Nothing is
+        allocated twice: the model is built on the meta device and the backbones are put in."""
+        vit = ViT.from_pretrained(config.vit_path, dtype=dtype, device=device)
+        llm = LLM.from_pretrained(config.llm_path, dtype=dtype, device=device)
+        hf = read_config(config.llm_path)
+        eos = hf.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+        ids = {"bos_id": hf.get("bos_token_id"), "eos_id": eos, "pad_id": hf.get("pad_token_id")}
+        config = replace(config, vit=vit.config, llm=llm.config,
+                         **{k: v for k, v in ids.items() if v is not None})
+        with torch.device("meta"):
+            model = cls(config)
+        model.vit, model.llm = vit.train(), llm.train()
+        model.freeze_unused_vit()
+        with torch.device(device):                               # the new parts, for real
+            model.fusers = nn.ModuleList(make_fuser(config) for _ in model.fusers)
+            model.gates = ShortcutGates(len(model.plan)) if model.gates is not None else None
+        model.fusers.apply(init_weights)
+        return model.to(dtype)
 
     def encode_images(self, images):
         """images (B, 3, H, W) in [0, 1] -> input tokens (B, N, d), injections {llm_layer: (B, N, d)}."""
@@ -200,10 +227,11 @@ class SparseCut(nn.Module):
         positions = (valid[:, :N + P].long().cumsum(1) - 1).clamp(min=0)  # skip the padding
         cache = KVCache(c.llm, B, N + P + max_new_tokens, device, visual.dtype)
         h = torch.cat([visual, self.llm.embed_tokens(ids)], dim=1)         # (B, N + P, d)
-        logits = self.llm(inputs_embeds=h, position_ids=positions, kv_cache=cache,
+        hidden = self.llm(inputs_embeds=h, position_ids=positions, kv_cache=cache,
                           attention_mask=valid[:, :N + P] if padded else None, injections=injected,
                           image_span=(0, N), attention=attention or c.attention,
-                          visual_ffn=c.visual_ffn)[:, -1]                 # (B, vocab)
+                          visual_ffn=c.visual_ffn, return_hidden=True)
+        logits = self.llm.lm_head(hidden[:, -1])                           # (B, vocab): last row only
         next_position = positions[:, -1:] + 1                              # (B, 1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         out = []
@@ -221,15 +249,25 @@ class SparseCut(nn.Module):
         tokens = torch.stack(out, dim=1).tolist()                          # (B, steps)
         return [row[:row.index(c.eos_id)] if c.eos_id in row else row for row in tokens]
 
-    def save_pretrained(self, out_dir, tokenizer=None, write_extra=None):
+    def backbones_by_path(self):
+        """Prefixes of the frozen backbones that config.vit_path / llm_path can rebuild."""
+        parts = (("vit.", self.config.vit_path, self.vit), ("llm.", self.config.llm_path, self.llm))
+        return tuple(prefix for prefix, path, module in parts
+                     if path and not any(p.requires_grad for p in module.parameters()))
+
+    def save_pretrained(self, out_dir, tokenizer=None, write_extra=None, state_dict=None):
         """Write config.json, model.safetensors (and tokenizer.json) atomically into out_dir.
 
+        Frozen backbones loaded from vit_path / llm_path are not written (a stage-1 checkpoint of
+        a 7B model holds the fusion only); from_pretrained reads them from those paths again.
         write_extra(tmp_dir), if given, adds files (training state) before the directory is
         swapped in, so a crash at any point leaves the previous checkpoint whole."""
         from safetensors.torch import save_file
         tied = self.config.llm.tie_embeddings
-        state = {name: t.detach().contiguous() for name, t in self.state_dict().items()
-                 if not (tied and name == "llm.lm_head.weight")}
+        skip = self.backbones_by_path()
+        state = {name: t.detach().contiguous()
+                 for name, t in (state_dict or self.state_dict()).items()
+                 if not (tied and name == "llm.lm_head.weight") and not name.startswith(skip)}
         with atomic_directory(out_dir) as tmp:
             save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
             with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -240,12 +278,18 @@ class SparseCut(nn.Module):
                 write_extra(tmp)
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, **overrides):
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, config=None, **overrides):
         """Load a directory written by save_pretrained. overrides replace config fields (e.g.
-        attention="composite" for training-free composite attention on a causal model)."""
-        raw = read_config(path)
-        try:
-            config = SparseCutConfig.from_dict({**raw, **overrides})
-        except (TypeError, ValueError) as error:
-            raise CheckpointError(f"{path}/config.json is not a SparseCut config ({error})") from None
-        return load_weights(cls, config, path, dtype=dtype, device=device)
+        attention="composite" for training-free composite attention on a causal model); config,
+        if given, is the config the checkpoint must match (resuming a run)."""
+        if config is None:
+            raw = read_config(path)
+            try:
+                config = SparseCutConfig.from_dict({**raw, **overrides})
+            except (TypeError, ValueError) as error:
+                raise CheckpointError(f"{path}/config.json is not a SparseCut config ({error})") from None
+        if not (config.vit_path and config.llm_path):
+            return load_weights(cls, config, path, dtype=dtype, device=device)
+        model = cls.from_backbones(config, device, dtype)
+        return fill_weights(model, path, dtype=dtype, device=device,
+                            optional_prefixes=("vit.", "llm."))

@@ -49,7 +49,7 @@ def main(argv):
     tokenizer = load_tokenizer(path)
     size = 2 * model.config.vit.image_size                      # the high-resolution view
     images = torch.stack([load_image(p, size) for p in args.image]).to(args.device)
-    prompt = encode(tokenizer, args.prompt)[:-1]                 # [BOS] + prompt, no EOS
+    prompt = encode(tokenizer, args.prompt, model.config.bos_id)[:-1]   # [BOS] + prompt, no EOS
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     outputs = model.generate(images, [prompt] * len(args.image), max_new_tokens=args.max_new_tokens,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,

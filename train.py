@@ -18,13 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from data import (DataError, batch_captions, build_tokenizer, encode, load_image,
-                  read_caption_pairs, shapes_split, shapes_vocabulary, to_tensor,
-                  tokenizer_for_captions)
+import distributed
+from data import DataError, caption_tokens, make_data
 from llm import LLMConfig
 from model import SparseCut, SparseCutConfig
 from vit import ViTConfig
-from weights import CheckpointError, checkpoint_dir, load_weights
+from weights import CheckpointError, checkpoint_dir
 
 
 @dataclass
@@ -45,6 +44,9 @@ class TrainConfig:
     dtype: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU where bf16 is slower) | float32 | bfloat16
     compile: str = "auto"             # auto (on CUDA) | on | off
     freeze: str = ""                  # comma list of vit, fusion, llm (paper stage 1: vit,llm)
+    init_from: str = ""               # start from this checkpoint's weights (paper stage 2)
+    fsdp: bool = False                # under torchrun: FSDP2 instead of DDP
+    activation_checkpointing: bool = False   # recompute LLM blocks in the backward pass
     log_interval: int = 20
     eval_interval: int = 300
     checkpoint_interval: int = 300
@@ -61,7 +63,38 @@ def tiny():
         llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384)))
 
 
-CONFIGS = {"tiny": tiny}
+def llava15_7b():
+    """The paper's setting at 7B: CLIP ViT-L/14-336 + Vicuna-7B v1.5, shortcuts scaled from the
+    released 13B lists to 24 ViT / 32 LLM layers ((1, 3), (4, 7), ..., (22, 31)). These are the
+    stage-1 settings (fusion only, lr 1e-3, LCS-558K); stage 2 adds
+    `--freeze vit --lr 2e-5 --init_from out/llava15-7b --data data/llava-665k --out_dir out/llava15-7b-s2`.
+    Global batch 256 as in LLaVA-1.5 (16 per GPU x 2 accumulation x 8 GPUs), 3% warmup, cosine."""
+    return TrainConfig(
+        model=SparseCutConfig(vit_path="checkpoints/clip-vit-large-patch14-336",
+                              llm_path="checkpoints/vicuna-7b-v1.5"),
+        data="data/llava-pretrain", out_dir="out/llava15-7b", device="cuda", batch_size=16,
+        grad_accum=2, max_iters=2180, lr=1e-3, warmup_iters=65, weight_decay=0.0,
+        freeze="vit,llm", fsdp=True, activation_checkpointing=True, log_interval=10,
+        eval_interval=500, checkpoint_interval=500, max_caption_tokens=128)
+
+
+def smol():
+    """SigLIP-B/16 + SmolLM2-135M: one GPU trains it in hours on Flickr8k or COCO captions."""
+    return TrainConfig(
+        model=SparseCutConfig(vit_path="checkpoints/siglip-base-patch16-224",
+                              llm_path="checkpoints/SmolLM2-135M"),
+        data="data/flickr8k", out_dir="out/smol", device="cuda", batch_size=64, max_iters=3000,
+        lr=2e-4, warmup_iters=100, freeze="vit", log_interval=20, eval_interval=500,
+        checkpoint_interval=500, max_caption_tokens=64)
+
+
+CONFIGS = {"tiny": tiny, "llava15-7b": llava15_7b, "smol": smol}
+DOWNLOADS = {  # what the default backbone paths hold, by Hugging Face repository
+    "clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
+    "vicuna-7b-v1.5": "lmsys/vicuna-7b-v1.5",
+    "siglip-base-patch16-224": "google/siglip-base-patch16-224",
+    "SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
+}
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -140,59 +173,6 @@ def parse_args(argv):
     return config
 
 
-# --- data --------------------------------------------------------------------------------------
-
-class ShapesData:
-    """Fresh Shapes images every step, deterministic in (seed, step): resuming at a step
-    resumes the data exactly, and no image repeats."""
-
-    def __init__(self, config):
-        self.config = config
-        self.tokenizer = build_tokenizer(shapes_vocabulary())
-
-    def batch(self, step):
-        images, captions = shapes_split("train", self.config.batch_size,
-                                        seed=self.config.seed * 1_000_003 + step)
-        return to_tensor(images), captions
-
-    def split(self, name, n):
-        images, captions = shapes_split(name, n)
-        return to_tensor(images), captions
-
-
-class FolderData:
-    """A folder of captioned images: 90/5/5 train/val/test split, shuffled each epoch by seed."""
-
-    def __init__(self, config):
-        self.config = config
-        pairs = read_caption_pairs(config.data)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed))
-        pairs = [pairs[i] for i in order]
-        n_held = max(1, len(pairs) // 20)
-        self.splits = {"test": pairs[:n_held], "val": pairs[n_held:2 * n_held],
-                       "train": pairs[2 * n_held:] or pairs}
-        self.tokenizer = tokenizer_for_captions([c for _, c in self.splits["train"]])
-        self.size = 2 * config.model.vit.image_size
-
-    def load(self, pairs):
-        return torch.stack([load_image(p, self.size) for p, _ in pairs]), [c for _, c in pairs]
-
-    def batch(self, step):
-        train, bs = self.splits["train"], self.config.batch_size
-        start = step * bs
-        epoch, offset = divmod(start, len(train))
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        picks = [train[order[(offset + k) % len(train)]] for k in range(bs)]
-        return self.load(picks)
-
-    def split(self, name, n):
-        return self.load(self.splits[name][:n])
-
-
-def make_data(config):
-    return ShapesData(config) if config.data == "shapes" else FolderData(config)
-
-
 # --- training ----------------------------------------------------------------------------------
 
 def learning_rate(config, step):
@@ -232,16 +212,12 @@ def autocast_dtype(config, device):
     return getattr(torch, config.dtype)
 
 
-def tokens_for(data, captions, config):
-    return batch_captions([encode(data.tokenizer, c) for c in captions], config.max_caption_tokens)
-
-
 @torch.no_grad()
 def split_loss(model, data, images, captions, config, device, dtype, batch=64):
     model.eval()
     total, count = 0.0, 0
     for i in range(0, len(captions), batch):
-        input_ids, labels = tokens_for(data, captions[i:i + batch], config)
+        input_ids, labels = caption_tokens(data, captions[i:i + batch], config)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             _, loss = model(images[i:i + batch].to(device), input_ids.to(device), labels.to(device))
         n = int((labels[:, 1:] != -100).sum())
@@ -250,13 +226,18 @@ def split_loss(model, data, images, captions, config, device, dtype, batch=64):
     return total / max(count, 1)
 
 
-def save_checkpoint(model, optimizer, data, config, step, path):
+def save_checkpoint(model, optimizer, data, config, step, path, context):
+    """All ranks gather the full state (a collective under FSDP); rank 0 writes it atomically."""
+    model_state, optimizer_state = distributed.full_state(model, optimizer, config.fsdp)
+
     def write_state(tmp):
-        torch.save({"step": step, "optimizer": optimizer.state_dict(),
-                    "rng": torch.get_rng_state(), "train_config": json.dumps(dataclasses.asdict(config))},
+        torch.save({"step": step, "optimizer": optimizer_state, "rng": torch.get_rng_state(),
+                    "train_config": json.dumps(dataclasses.asdict(config))},
                    os.path.join(tmp, "train_state.pt"))
-    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
-    raw.save_pretrained(path, tokenizer=data.tokenizer, write_extra=write_state)
+    if context.main:
+        distributed.unwrap(model).save_pretrained(path, tokenizer=data.tokenizer,
+                                                  write_extra=write_state, state_dict=model_state)
+    context.barrier()
 
 
 def log_line(step, config, loss, samples_per_s, started, start_step):
@@ -267,96 +248,140 @@ def log_line(step, config, loss, samples_per_s, started, start_step):
             f"  elapsed {elapsed / 60:4.1f} min  left {left / 60:4.1f} min")
 
 
-def train(config):
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device)
-    dtype = autocast_dtype(config, device)
-    data = make_data(config)
-    config.model.llm.vocab_size = data.tokenizer.get_vocab_size()
-    ckpt_path = os.path.join(config.out_dir, "checkpoint")
-    metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
-    start_step = 0
+def build_model(config, device, ckpt_path):
+    """Resumed, started from another checkpoint (stage 2), from pretrained backbones, or new."""
+    m = config.model
+    for key in ("vit_path", "llm_path"):
+        path = getattr(m, key)
+        if path and not os.path.isdir(path):
+            source = DOWNLOADS.get(os.path.basename(path.rstrip("/")), "the Hugging Face checkpoint")
+            raise CheckpointError(f"--{key} {path} does not exist: download {source} into it "
+                                  f"(README, 'Real weights') or pass --{key} DIR")
+    if bool(m.vit_path) != bool(m.llm_path):
+        raise ValueError("--vit_path and --llm_path go together")
     if config.resume:
         if not os.path.isfile(os.path.join(ckpt_path, "train_state.pt")):
             raise CheckpointError(f"--resume: no training checkpoint in {ckpt_path}; "
                                   "run without --resume to start a new run")
-        model = load_weights(SparseCut, config.model, ckpt_path, device=device).train()
+        return SparseCut.from_pretrained(ckpt_path, device, config=m)
+    if config.init_from:
+        return SparseCut.from_pretrained(checkpoint_dir(config.init_from), device, config=m)
+    if m.vit_path:
+        return SparseCut.from_backbones(m, device)
+    return SparseCut(m).to(device)
+
+
+def train(config):
+    context = distributed.setup(config.device)
+    device = context.device
+    torch.manual_seed(config.seed)
+    dtype = autocast_dtype(config, device)
+    data = make_data(config)
+    if not config.model.llm_path:
+        config.model.llm.vocab_size = data.tokenizer.get_vocab_size()
+    ckpt_path = os.path.join(config.out_dir, "checkpoint")
+    metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+    model = build_model(config, device, ckpt_path).train()
+    config.model = model.config                               # with the backbones' configs
+    apply_freeze(model, config.freeze)
+    model.llm.checkpoint_layers = config.activation_checkpointing
+    model = distributed.wrap(model, context, config.fsdp)
+    optimizer = make_optimizer(model, config, device)
+    start_step = 0
+    if config.resume:
         state = torch.load(os.path.join(ckpt_path, "train_state.pt"), weights_only=True)
         start_step = state["step"]
         torch.set_rng_state(state["rng"])
-    else:
-        model = SparseCut(config.model).to(device)
+        distributed.load_optimizer(model, optimizer, state["optimizer"], config.fsdp)
+    if context.main:
         os.makedirs(config.out_dir, exist_ok=True)
-        open(metrics_path, "w").close()
-    apply_freeze(model, config.freeze)
-    optimizer = make_optimizer(model, config, device)
-    if config.resume:
-        optimizer.load_state_dict(state["optimizer"])
-        keep = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:                     # drop steps the crash lost
+        keep = []
+        if config.resume and os.path.exists(metrics_path):      # drop steps the crash lost
+            keep = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step]
+        with open(metrics_path, "w") as f:
             f.writelines(keep)
     if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
         model = torch.compile(model)
     val_images, val_captions = data.split("val", config.n_val)
+    say = print if context.main else (lambda *args, **kwargs: None)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"{config.model.fusion} + {config.model.attention}: {n_params / 1e6:.2f}M trainable "
-          f"parameters, {config.model.n_image_tokens} image tokens, device {device}, "
-          f"{str(dtype).removeprefix('torch.')}, steps {start_step}..{config.max_iters}", flush=True)
-    model.train()
+    say(f"{config.model.fusion} + {config.model.attention}: {n_params / 1e6:.2f}M trainable "
+        f"parameters{' (per shard)' if config.fsdp and context.world > 1 else ''}, "
+        f"{config.model.n_image_tokens} image tokens, {context.world} x {device}, "
+        f"{str(dtype).removeprefix('torch.')}, steps {start_step}..{config.max_iters}", flush=True)
     started, window_start, window_samples = time.time(), time.time(), 0
     for step in range(start_step, config.max_iters):
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
+        micro_batches = []
         for micro in range(config.grad_accum):
-            images, captions = data.batch(step * config.grad_accum + micro)
-            input_ids, labels = tokens_for(data, captions, config)
+            part = micro * context.world + context.rank       # of the step's global batch
+            images, captions = data.batch(step, part, config.grad_accum * context.world)
+            micro_batches.append((images, *caption_tokens(data, captions, config)))
+        # Weight each micro-batch by its caption tokens, over all ranks: the gradient is then the
+        # token mean of the global batch, whatever the number of processes and micro-batches.
+        counts = [int((labels[:, 1:] != -100).sum()) for _, _, labels in micro_batches]
+        step_tokens = torch.tensor(float(sum(counts)))
+        if context.world > 1:
+            torch.distributed.all_reduce(step_tokens)
+        for (images, input_ids, labels), count in zip(micro_batches, counts):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 _, loss = model(images.to(device), input_ids.to(device), labels.to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss)} at step {step + 1}: stopping; the "
                                          f"last good checkpoint is kept in {ckpt_path} (try a lower --lr)")
-            (loss / config.grad_accum).backward()
+            scale = count * context.world / float(step_tokens)  # exactly 1.0 for one plain batch
+            (loss * scale).backward()
             loss = loss.detach()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        window_samples += config.batch_size * config.grad_accum
+        window_samples += config.batch_size * config.grad_accum * context.world
         last = step + 1 == config.max_iters
         record = None
         if (step + 1) % config.log_interval == 0 or last:
             rate = window_samples / (time.time() - window_start)
             record = {"step": step + 1, "loss": float(loss), "lr": lr, "samples_per_s": rate,
                       "elapsed_s": time.time() - started}
-            print(log_line(step, config, float(loss), rate, started, start_step), flush=True)
+            say(log_line(step, config, float(loss), rate, started, start_step), flush=True)
             window_start, window_samples = time.time(), 0
         if (step + 1) % config.eval_interval == 0 or last:
             record = record or {"step": step + 1}
             record["val_loss"] = split_loss(model, data, val_images, val_captions, config, device, dtype)
-            print(f"step {step + 1:>5}  val_loss {record['val_loss']:.4f}", flush=True)
-        if record is not None:
+            say(f"step {step + 1:>5}  val_loss {record['val_loss']:.4f}", flush=True)
+        if record is not None and context.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
         if (step + 1) % config.checkpoint_interval == 0 or last:
-            save_checkpoint(model, optimizer, data, config, step + 1, ckpt_path)
-    raw = model._orig_mod if hasattr(model, "_orig_mod") else model
-    return raw, data, device, dtype
+            save_checkpoint(model, optimizer, data, config, step + 1, ckpt_path, context)
+    return model, data, context, dtype
 
 
 def main(argv):
     config = parse_args(argv)
-    model, data, device, dtype = train(config)
+    model, data, context, dtype = train(config)
+    if not context.main:
+        context.close()
+        return
     from eval import evaluate, print_table
+    # One process evaluates an ordinary (unwrapped, unsharded) model.
+    if context.world == 1:
+        model = distributed.unwrap(model)
+    else:
+        model = SparseCut.from_pretrained(os.path.join(config.out_dir, "checkpoint"), context.device)
     test_images, test_captions = data.split("test", config.n_test)
     started = time.time()
     metrics = evaluate(model, data.tokenizer, test_images, test_captions,
-                       shapes=config.data == "shapes", device=device)
-    metrics["val_loss"] = split_loss(model, data, *data.split("val", config.n_val), config, device, dtype)
+                       shapes=config.data == "shapes", device=context.device)
+    metrics["val_loss"] = split_loss(model, data, *data.split("val", config.n_val), config,
+                                     context.device, dtype)
     print_table(metrics, f"test ({len(test_captions)} images, {time.time() - started:.0f} s)")
     with open(os.path.join(config.out_dir, "eval.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"wrote {config.out_dir}/eval.json; caption an image with: python sample.py --image "
           f"IMAGE --checkpoint {config.out_dir}")
+    context.close()
 
 
 def run_cli(main_function, argv):

@@ -64,16 +64,24 @@ def set_tensor(model, name, tensor):
 
 
 def load_weights(cls, config, path, key_map=lambda name: name, dtype=torch.float32, device="cpu"):
-    """Build cls(config) on the meta device and fill it from the safetensors files under path.
+    """Build cls(config) on the meta device and fill it from the safetensors files under path."""
+    with torch.device("meta"):
+        model = cls(config)
+    return fill_weights(model, path, key_map, dtype, device)
+
+
+def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, device="cpu",
+                 optional_prefixes=()):
+    """Replace model's tensors by those in the safetensors files under path, one at a time.
 
     key_map maps a file's tensor name to the model's, or to None for tensors the model does not
-    use. Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
+    use. Tensors under optional_prefixes may be absent (they come from elsewhere). Missing,
+    unexpected and mis-shaped tensors are reported together in one CheckpointError.
     """
     from safetensors import SafetensorError, safe_open
 
-    with torch.device("meta"):
-        model = cls(config)
     expected = {name: t.shape for name, t in model.state_dict().items()}
+    config = model.config
     tied = getattr(config, "tie_embeddings", False) or getattr(getattr(config, "llm", None),
                                                                 "tie_embeddings", False)
     tied_head = [name for name in expected if name.endswith("lm_head.weight")] if tied else []
@@ -97,18 +105,23 @@ def load_weights(cls, config, path, key_map=lambda name: name, dtype=torch.float
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{file} is not a readable safetensors file ({error}); "
                                   "it may be truncated: download or save it again") from None
-    missing = sorted(set(expected) - loaded - set(tied_head))
+    missing = sorted(n for n in set(expected) - loaded - set(tied_head)
+                     if not n.startswith(tuple(optional_prefixes)))
     if missing or unexpected or mis_shaped:
         problems = [f"missing: {missing}" if missing else "",
                     f"unexpected: {unexpected}" if unexpected else "",
                     f"wrong shape: {mis_shaped}" if mis_shaped else ""]
         raise CheckpointError(f"{path} does not match the model config: "
                               + "; ".join(p for p in problems if p))
-    if tied:
-        for name in tied_head:                                   # re-tie the output head
-            owner = model.get_submodule(name.rpartition(".")[0].replace("lm_head", "embed_tokens"))
-            model.get_submodule(name.rpartition(".")[0]).weight = owner.weight
+    for name in tied_head:                                       # re-tie the output head
+        head = model.get_submodule(name.rpartition(".")[0])
+        head.weight = model.get_submodule(head_owner(name)).weight
     return model.eval()
+
+
+def head_owner(head_name):
+    """'llm.lm_head.weight' -> 'llm.embed_tokens': the embedding a tied head shares."""
+    return head_name.rpartition(".")[0].replace("lm_head", "embed_tokens")
 
 
 @contextmanager

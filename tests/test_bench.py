@@ -52,3 +52,11 @@ def test_flop_ratios_between_modes(report):
     assert rows["llava+composite-noffn"]["flops"]["llm"] < rows["llava+composite"]["flops"]["llm"] \
         < rows["llava"]["flops"]["llm"]
     assert rows["sparsecut"]["flops"]["vision"] > 4 * rows["llava"]["flops"]["vision"]
+
+
+def test_composite_prefill_flops_at_the_paper_shape():
+    """EE-MLLM's saving at the paper's proportions (576 visual + 64 text tokens, Vicuna-7B)."""
+    def prefill(mode):
+        return bench.closed_form_flops(bench.mode_config("paper", mode), [], 64, 23, 32, head_rows=1)["llm"]
+    assert prefill("llava+composite-noffn") <= 0.35 * prefill("llava")
+    assert prefill("llava+composite") < prefill("llava")

@@ -128,3 +128,34 @@ def test_wrong_kind_of_checkpoint_is_a_clear_error(tmp_path):
     clip_vision().save_pretrained(tmp_path / "clip")
     with pytest.raises(CheckpointError, match="not a Llama or Qwen2 causal LM"):
         LLM.from_pretrained(str(tmp_path / "clip"))
+
+
+def test_sparsecut_from_backbones_and_a_checkpoint_without_them(tmp_path):
+    """The paper's setting: pretrained CLIP + Llama, fusion from scratch; a stage-1 checkpoint
+    (backbones frozen) stores the fusion only and loads back through the backbone paths."""
+    from model import SparseCut, SparseCutConfig
+    torch.manual_seed(0)
+    clip_vision().save_pretrained(tmp_path / "vit")
+    hf_llm = llama()
+    hf_llm.save_pretrained(tmp_path / "llm")
+    config = SparseCutConfig(vit_path=str(tmp_path / "vit"), llm_path=str(tmp_path / "llm"),
+                             shortcut_gate="zero")
+    model = SparseCut.from_backbones(config)
+    assert model.config.vit.width == 32 and model.config.llm.n_kv_head == 2
+    assert model.config.bos_id == 1 and model.config.eos_id == 2
+    assert all(not p.is_meta for p in model.parameters())
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():                                         # the LLM is Hugging Face's
+        torch.testing.assert_close(model.llm(ids), hf_llm(ids).logits, rtol=1e-4, atol=1e-4)
+    model.vit.requires_grad_(False)
+    model.llm.requires_grad_(False)
+    with torch.no_grad():
+        model.gates.gate.fill_(0.3)
+    model.save_pretrained(tmp_path / "stage1")
+    saved = (tmp_path / "stage1" / "model.safetensors").stat().st_size
+    backbones = sum((tmp_path / d / "model.safetensors").stat().st_size for d in ("vit", "llm"))
+    assert saved < backbones / 5
+    loaded = SparseCut.from_pretrained(str(tmp_path / "stage1"))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images, ids.expand(2, 7))[0], model(images, ids.expand(2, 7))[0])
