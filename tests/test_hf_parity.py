@@ -1,5 +1,7 @@
 """Parity against Hugging Face `transformers` (the oracle) on tiny random checkpoints it writes."""
 
+import os
+
 import pytest
 import torch
 
@@ -159,3 +161,38 @@ def test_sparsecut_from_backbones_and_a_checkpoint_without_them(tmp_path):
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(images, ids.expand(2, 7))[0], model(images, ids.expand(2, 7))[0])
+
+
+LOAD_AND_REPORT_PEAK = """
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+from llm import LLM
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+model = LLM.from_pretrained({path!r}, dtype=torch.{dtype})
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((after - before) * 1024)
+"""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_loading_peaks_near_one_copy_of_the_weights(dtype, tmp_path):
+    """Meta-device loading, one tensor at a time: the peak memory added by loading a ~300 MB
+    checkpoint stays under 1.3 copies of the loaded weights (building the model first and
+    then loading a state dict would take two)."""
+    import subprocess
+    import sys
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                                      tie_word_embeddings=False)
+    with torch.device("meta"):
+        hf = transformers.LlamaForCausalLM(config)
+    hf = hf.to_empty(device="cpu")
+    hf.save_pretrained(tmp_path)
+    n_bytes = sum(p.numel() for p in hf.parameters()) * (4 if dtype == "float32" else 2)
+    del hf
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = LOAD_AND_REPORT_PEAK.format(root=root, path=str(tmp_path), dtype=dtype)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    peak = int(out.stdout.strip())
+    assert peak < 1.3 * n_bytes, f"loading took {peak / 2**20:.0f} MiB for {n_bytes / 2**20:.0f} MiB of weights"
