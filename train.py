@@ -201,7 +201,10 @@ def make_optimizer(model, config, device):
         raise ValueError("--freeze left nothing to train")
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    # The fused kernel (CUDA and CPU) makes no full-size temporaries: at 7B width it cut the CPU
+    # optimizer step from 5-8 s to under 1 s (the foreach version page-faults on its temporaries).
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95),
+                             fused=device.type in ("cuda", "cpu"))
 
 
 def autocast_dtype(config, device):
