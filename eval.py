@@ -78,7 +78,6 @@ def bleu4(predictions, references_list):
 
 def cider(predictions, references_list, sigma=6.0):
     """CIDEr-D (Vedantam et al.): tf-idf n-gram cosine (n = 1..4) with a length penalty, x10."""
-    documents = [[ngrams(r.split(), n) for n in range(1, 5)] for refs in references_list for r in refs]
     n_images = len(references_list)
     frequency = Counter()
     for refs in references_list:                                  # document frequency per image
@@ -87,7 +86,6 @@ def cider(predictions, references_list, sigma=6.0):
             for n in range(1, 5):
                 seen |= set(ngrams(ref.split(), n))
         frequency.update(seen)
-    del documents
 
     def vector(text, n):
         counts = ngrams(text.split(), n)

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data import (CANVAS, COLORS, DataError, ShapeObject, ShapesRenderer, build_tokenizer, caption_of,
