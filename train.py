@@ -251,9 +251,8 @@ def log_line(step, config, loss, samples_per_s, started, start_step):
             f"  elapsed {elapsed / 60:4.1f} min  left {left / 60:4.1f} min")
 
 
-def build_model(config, device, ckpt_path):
-    """Resumed, started from another checkpoint (stage 2), from pretrained backbones, or new."""
-    m = config.model
+def check_backbone_paths(m):
+    """Pretrained backbones must be downloaded beforehand: say which, and where to put them."""
     for key in ("vit_path", "llm_path"):
         path = getattr(m, key)
         if path and not os.path.isdir(path):
@@ -262,6 +261,11 @@ def build_model(config, device, ckpt_path):
                                   f"(README, 'Real weights') or pass --{key} DIR")
     if bool(m.vit_path) != bool(m.llm_path):
         raise ValueError("--vit_path and --llm_path go together")
+
+
+def build_model(config, device, ckpt_path):
+    """Resumed, started from another checkpoint (stage 2), from pretrained backbones, or new."""
+    m = config.model
     if config.resume:
         if not os.path.isfile(os.path.join(ckpt_path, "train_state.pt")):
             raise CheckpointError(f"--resume: no training checkpoint in {ckpt_path}; "
@@ -275,6 +279,7 @@ def build_model(config, device, ckpt_path):
 
 
 def train(config):
+    check_backbone_paths(config.model)
     context = distributed.setup(config.device)
     device = context.device
     torch.manual_seed(config.seed)

@@ -133,3 +133,9 @@ def test_sample_without_a_checkpoint_says_what_to_run(tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "--image",
                              str(tmp_path / "x.png")], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "python train.py --config tiny" in result.stderr
+
+
+def test_real_configs_say_what_to_download(tmp_path):
+    bad("train.py", "--config", "smol", "--device", "cpu", "--data", "shapes", match=
+        "--vit_path checkpoints/siglip-base-patch16-224 does not exist: download google/siglip-base-patch16-224")
+    bad("train.py", "--config", "tiny", "--vit_path", tmp_path, match="--vit_path and --llm_path go together")

@@ -185,3 +185,17 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
 def test_unknown_config_value_is_an_error():
     with pytest.raises(ValueError, match="fusion must be one of"):
         tiny_config(fusion="late")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(images):
+    ids = torch.randint(3, 40, (2, 6))
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(std=0.1).train()
+        model.llm.checkpoint_layers = checkpointing
+        _, loss = model(images, ids, ids)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
