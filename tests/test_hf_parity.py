@@ -164,21 +164,36 @@ def test_sparsecut_from_backbones_and_a_checkpoint_without_them(tmp_path):
 
 
 LOAD_AND_REPORT_PEAK = """
-import resource, sys, torch
+import sys, threading, time, torch
 sys.path.insert(0, {root!r})
 from llm import LLM
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def anonymous_bytes():   # private memory; mmapped file pages are clean and reclaimable
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+
+peak, done = [0], threading.Event()
+def watch():
+    while not done.is_set():
+        peak[0] = max(peak[0], anonymous_bytes())
+        time.sleep(0.002)
+before = anonymous_bytes()
+watcher = threading.Thread(target=watch)
+watcher.start()
 model = LLM.from_pretrained({path!r}, dtype=torch.{dtype})
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024)
+done.set()
+watcher.join()
+print(max(peak[0], anonymous_bytes()) - before)
 """
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_loading_peaks_near_one_copy_of_the_weights(dtype, tmp_path):
-    """Meta-device loading, one tensor at a time: the peak memory added by loading a ~300 MB
-    checkpoint stays under 1.3 copies of the loaded weights (building the model first and
-    then loading a state dict would take two)."""
+    """Meta-device loading, one tensor at a time: the peak private memory added by loading a
+    ~450 MB fp32 checkpoint is one copy of the loaded weights plus the largest tensor as read
+    from the file (cast one at a time). Building the model first and then loading a state dict
+    would take two copies; for a 7B model the extra tensor is 262 MB against 13.5 GB."""
     import subprocess
     import sys
     config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
@@ -189,10 +204,13 @@ def test_loading_peaks_near_one_copy_of_the_weights(dtype, tmp_path):
     hf = hf.to_empty(device="cpu")
     hf.save_pretrained(tmp_path)
     n_bytes = sum(p.numel() for p in hf.parameters()) * (4 if dtype == "float32" else 2)
+    largest_in_file = max(p.numel() for p in hf.parameters()) * 4
     del hf
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     script = LOAD_AND_REPORT_PEAK.format(root=root, path=str(tmp_path), dtype=dtype)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     peak = int(out.stdout.strip())
-    assert peak < 1.3 * n_bytes, f"loading took {peak / 2**20:.0f} MiB for {n_bytes / 2**20:.0f} MiB of weights"
+    assert peak < n_bytes + largest_in_file + 32 * 2**20, \
+        f"loading took {peak / 2**20:.0f} MiB for {n_bytes / 2**20:.0f} MiB of weights"
+    assert peak < 1.5 * n_bytes                                   # far from two copies
