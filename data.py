@@ -18,6 +18,7 @@ Shapes are drawn with PIL at 4x and box-filtered down (anti-aliasing); textures 
 """
 
 import csv
+import functools
 import json
 import os
 import random
@@ -146,10 +147,15 @@ def random_objects(rng):
                         rng.choice(TEXTURES), POSITIONS[cell]) for cell in cells]
 
 
+@functools.lru_cache(maxsize=1)
+def shared_renderer():
+    return ShapesRenderer()
+
+
 def shapes_split(split, n, seed=None):
     """n (image uint8 (n, CANVAS, CANVAS, 3), captions) of a split; disjoint seeds per split."""
     rng = random.Random(SPLIT_SEEDS[split] if seed is None else seed)
-    renderer = ShapesRenderer()
+    renderer = shared_renderer()
     max_jitter = (renderer.cell - renderer.masks[(SHAPES[0], "large")].shape[0]) // 2
     images = np.empty((n, CANVAS, CANVAS, 3), dtype=np.uint8)
     captions = []
@@ -311,11 +317,12 @@ class ShapesData:
     def __init__(self, config, tokenizer=None):
         self.config = config
         self.tokenizer = tokenizer or build_tokenizer(shapes_vocabulary())
+        self._cached = (None, None, None)                         # (step, parts), images, captions
 
     def batch(self, step, part=0, parts=1):
         """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step.
         The global batch is generated once per step and cut for the micro-batches and ranks."""
-        if getattr(self, "_cached", (None,))[0] != (step, parts):
+        if self._cached[0] != (step, parts):
             images, captions = shapes_split("train", self.config.batch_size * parts,
                                             seed=self.config.seed * 1_000_003 + step)
             self._cached = ((step, parts), to_tensor(images), captions)

@@ -75,8 +75,9 @@ def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, de
     """Replace model's tensors by those in the safetensors files under path, one at a time.
 
     key_map maps a file's tensor name to the model's, or to None for tensors the model does not
-    use. Tensors under optional_prefixes may be absent (they come from elsewhere). Missing,
-    unexpected and mis-shaped tensors are reported together in one CheckpointError.
+    use. A part under one of optional_prefixes may be absent as a whole (it comes from
+    elsewhere, e.g. a frozen backbone's own directory); a part that is present must be whole.
+    Missing, unexpected and mis-shaped tensors are reported together in one CheckpointError.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -105,23 +106,18 @@ def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, de
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{file} is not a readable safetensors file ({error}); "
                                   "it may be truncated: download or save it again") from None
-    missing = sorted(n for n in set(expected) - loaded - set(tied_head)
-                     if not n.startswith(tuple(optional_prefixes)))
+    absent = tuple(p for p in optional_prefixes if not any(n.startswith(p) for n in loaded))
+    missing = sorted(n for n in set(expected) - loaded - set(tied_head) if not n.startswith(absent))
     if missing or unexpected or mis_shaped:
         problems = [f"missing: {missing}" if missing else "",
                     f"unexpected: {unexpected}" if unexpected else "",
                     f"wrong shape: {mis_shaped}" if mis_shaped else ""]
         raise CheckpointError(f"{path} does not match the model config: "
                               + "; ".join(p for p in problems if p))
-    for name in tied_head:                                       # re-tie the output head
-        head = model.get_submodule(name.rpartition(".")[0])
-        head.weight = model.get_submodule(head_owner(name)).weight
+    for name in tied_head:                     # re-tie the output head to its embedding
+        head = name.rpartition(".")[0]
+        model.get_submodule(head).weight = model.get_submodule(head.replace("lm_head", "embed_tokens")).weight
     return model.eval()
-
-
-def head_owner(head_name):
-    """'llm.lm_head.weight' -> 'llm.embed_tokens': the embedding a tied head shares."""
-    return head_name.rpartition(".")[0].replace("lm_head", "embed_tokens")
 
 
 @contextmanager

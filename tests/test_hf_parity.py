@@ -214,3 +214,25 @@ def test_loading_peaks_near_one_copy_of_the_weights(dtype, tmp_path):
     assert peak < n_bytes + largest_in_file + 32 * 2**20, \
         f"loading took {peak / 2**20:.0f} MiB for {n_bytes / 2**20:.0f} MiB of weights"
     assert peak < 1.5 * n_bytes                                   # far from two copies
+
+
+def test_a_checkpoint_that_holds_a_backbone_must_hold_all_of_it(tmp_path):
+    """Backbones may be left out whole (read again from their paths), never in part."""
+    from safetensors.torch import load_file, save_file
+
+    from model import SparseCut, SparseCutConfig
+    torch.manual_seed(0)
+    clip_vision().save_pretrained(tmp_path / "vit")
+    llama().save_pretrained(tmp_path / "llm")
+    config = SparseCutConfig(vit_path=str(tmp_path / "vit"), llm_path=str(tmp_path / "llm"))
+    model = SparseCut.from_backbones(config)
+    model.vit.requires_grad_(False)                              # stage 2: the LLM is trained
+    model.save_pretrained(tmp_path / "stage2")
+    weights = tmp_path / "stage2" / "model.safetensors"
+    state = load_file(str(weights))
+    assert any(k.startswith("llm.") for k in state) and not any(k.startswith("vit.") for k in state)
+    SparseCut.from_pretrained(str(tmp_path / "stage2"))           # whole: loads
+    del state["llm.layers.1.mlp.up_proj.weight"]
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=r"missing: \['llm.layers.1.mlp.up_proj.weight'\]"):
+        SparseCut.from_pretrained(str(tmp_path / "stage2"))
