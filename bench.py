@@ -12,7 +12,6 @@ FLOP/s over it. `--shape paper` keeps the paper's widths and token counts (CLIP 
 laptop, and adds the FLOPs at full depth (24 / 32 layers) in their own column.
 """
 
-import argparse
 import dataclasses
 import json
 import platform
@@ -25,6 +24,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from config import check_device, parse_options, run_cli
+from fusion import FUSIONS
 from llm import KVCache, LLMConfig
 from model import SparseCut, SparseCutConfig
 from vit import ViTConfig
@@ -32,6 +33,8 @@ from vit import ViTConfig
 MODES = {  # row name: (fusion, shortcuts, attention, visual_ffn)
     "llava": ("llava", "none", "causal", True),
     "concat": ("concat", "none", "causal", True),
+    "deepstack": ("deepstack", "none", "causal", True),
+    "llava+shortcuts": ("llava", "uniform", "causal", True),
     "fusion-only": ("sparsecut", "none", "causal", True),
     "sparsecut": ("sparsecut", "uniform", "causal", True),
     "llava+composite": ("llava", "none", "composite", True),
@@ -54,9 +57,12 @@ SHAPES = {  # vit, llm, text tokens, batch, full depths (vit, llm) for the scale
 }
 
 
-def mode_config(shape, mode):
-    vit, llm, _, _, _ = SHAPES[shape]
+def mode_config(shape, mode, full_depth=False):
+    """The config of a row; full_depth: at the shape's full depths (the paper: 24 / 32 layers)."""
+    vit, llm, _, _, depths = SHAPES[shape]
     fusion, shortcuts, attention, visual_ffn = MODES[mode]
+    if full_depth and depths:
+        vit, llm = dataclasses.replace(vit, n_layer=depths[0]), dataclasses.replace(llm, n_layer=depths[1])
     return SparseCutConfig(vit=dataclasses.replace(vit), llm=dataclasses.replace(llm), fusion=fusion,
                            shortcuts=shortcuts, attention=attention, visual_ffn=visual_ffn,
                            input_layer=-1 if vit.n_layer == 1 else -2)
@@ -64,30 +70,27 @@ def mode_config(shape, mode):
 
 # --- FLOPs -------------------------------------------------------------------------------------
 
-def closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers=None, head_rows=None):
+def closed_form_flops(config, text_tokens, head_rows=None):
     """Forward FLOPs per sample, 2 per multiply-add, split vision / fusion / llm (+ llm_attention,
     the part of llm inside scaled_dot_product_attention, which computes the full rectangle).
 
-    vision: V views x (patch embedding + vit_depth blocks of qkv/out (4 D^2), MLP (2 D M) and
-            attention (2 T^2 D)), V = 1 for llava, 5 otherwise.
-    fusion: one fuser per use (input + each shortcut): cross_mlp 5D -> d -> d on G^2 tokens;
-            the baselines' projector D -> d -> d on each visual token.
+    vision: V views (5, or 1 for a mode that sees the low-res view only) x (patch embedding +
+            vit_depth blocks of qkv/out (4 D^2), MLP (2 D M) and attention (2 T^2 D)).
+    fusion: the mode's own count (`Fusion.flops`: its fusers on the input and every injection).
     llm:    per layer, q rows Q (T, or the text rows under composite attention), F rows through
             the FFN (T, or the text rows without visual FFN): q 2 Q d Hh, k/v 2 T d 2 Kh, o 2 T Hh d
             (the aligner also uses o), FFN 2 F 3 d M, attention 2 Q T Hh x 2; then the head on
             head_rows rows (training: the text; prefill: the last row only).
     """
+    with torch.device("meta"):                                   # shapes only, no memory
+        fusion = FUSIONS[config.fusion](config)
     v, l = config.vit, config.llm
     G2, D, d = v.grid ** 2, v.width, l.width
-    views = 1 if config.fusion == "llava" else 5
+    views = 5 if fusion.high_res else 1
     T_vit = G2 + int(v.class_token)
-    vit_attention = views * vit_depth * 2 * 2 * T_vit * T_vit * D
+    vit_attention = views * fusion.vit_depth * 2 * 2 * T_vit * T_vit * D
     block = 2 * T_vit * (4 * D * D + 2 * D * v.mlp_dim)
-    vision = views * (2 * G2 * 3 * v.patch_size ** 2 * D + vit_depth * block) + vit_attention
-    if config.fusion == "sparsecut":
-        fusion = (1 + len(plan)) * 2 * G2 * (5 * D * d + d * d)
-    else:
-        fusion = 2 * config.n_image_tokens * (D * d + d * d)
+    vision = views * (2 * G2 * 3 * v.patch_size ** 2 * D + fusion.vit_depth * block) + vit_attention
     N = config.n_image_tokens
     T = N + text_tokens
     composite = config.attention == "composite"
@@ -96,10 +99,9 @@ def closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers=None, hea
     hd, H, K = l.dim_per_head, l.n_head, l.n_kv_head
     attention = 2 * 2 * Q * T * H * hd
     layer = 2 * Q * d * H * hd + 2 * T * d * 2 * K * hd + 2 * T * H * hd * d + 2 * F * 3 * d * l.mlp_dim
-    n = llm_layers or l.n_layer
     head = 2 * (text_tokens if head_rows is None else head_rows) * d * l.vocab_size
-    return {"vision": vision, "fusion": fusion, "llm": n * (layer + attention) + head,
-            "vision_attention": vit_attention, "llm_attention": n * attention}
+    return {"vision": vision, "fusion": fusion.flops(), "llm": l.n_layer * (layer + attention) + head,
+            "vision_attention": vit_attention, "llm_attention": l.n_layer * attention}
 
 
 def counted_flops(model, images, input_ids):
@@ -110,8 +112,7 @@ def counted_flops(model, images, input_ids):
     by_module = counter.get_flop_counts()
     total = lambda prefix: sum(by_module.get(prefix, {}).values())
     flops["vision"] = total("SparseCut.vit")
-    flops["fusion"] = sum(total(name) for name in by_module
-                          if name.startswith("SparseCut.fusers.") and name.count(".") == 2)
+    flops["fusion"] = total("SparseCut.fusion")
     flops["llm"] = total("SparseCut") - flops["vision"] - flops["fusion"]  # incl. the head
     return flops
 
@@ -239,7 +240,7 @@ def bench_mode(testbed, mode, shape, repeats, decode_tokens):
     model.eval()
     images, input_ids = testbed.images[:1], testbed.input_ids[:1]
     flops = counted_flops(model, images, input_ids)
-    closed = closed_form_flops(config, model.plan, text_tokens, model.vit_depth)
+    closed = closed_form_flops(config, text_tokens)
     flops["vision"] += closed["vision_attention"]
     flops["llm"] += closed["llm_attention"]
     warmup = int(repeats > 1)
@@ -258,11 +259,8 @@ def bench_mode(testbed, mode, shape, repeats, decode_tokens):
             decode_times.append(timed(lambda: greedy_decode(model.llm, input_ids[:, -1:], cache,
                                                             decode_tokens), device))
         decode_s = statistics.median(decode_times[warmup:])
-    if full_depth:      # the paper's depths: 8 shortcuts, the ViT run to its penultimate layer
-        plan, vit_depth, llm_layers = [(1, 0)] * 8 * bool(model.plan), full_depth[0] - 1, full_depth[1]
-    else:
-        plan, vit_depth, llm_layers = model.plan, model.vit_depth, None
-    prefill = closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers, head_rows=1)
+    deep = mode_config(shape, mode, full_depth=True)            # the paper: 24 / 32 layers
+    prefill = closed_form_flops(deep, text_tokens, head_rows=1)
     row = {"mode": mode, "params": sum(p.numel() for p in testbed.params),
            "llm_seq_len": config.n_image_tokens + text_tokens,
            "flops": {k: flops[k] for k in ("vision", "fusion", "llm")},
@@ -271,8 +269,8 @@ def bench_mode(testbed, mode, shape, repeats, decode_tokens):
            "decode_tokens_per_s": decode_tokens / decode_s, "peak_mem_bytes": peak,
            "prefill_llm_flops": prefill["llm"]}
     if full_depth:
-        deep = closed_form_flops(config, plan, text_tokens, vit_depth, llm_layers)
-        row["flops_full_depth"] = {k: deep[k] for k in ("vision", "fusion", "llm")}
+        at_depth = closed_form_flops(deep, text_tokens)
+        row["flops_full_depth"] = {k: at_depth[k] for k in ("vision", "fusion", "llm")}
     return row
 
 
@@ -379,20 +377,27 @@ def run(shape, device, repeats, decode_tokens, reference=True):
             "reference": bench_reference(shape, device, repeats, decode_tokens) if reference else None}
 
 
+@dataclasses.dataclass
+class BenchOptions:
+    device: str = "cpu"               # cpu | cuda
+    shape: str = "tiny"               # tiny | paper | mini
+    json: str = ""                    # also write the report here
+    repeats: int = 0                  # 0: 5 (paper: 1)
+    decode_tokens: int = 0            # 0: 32 (paper: 4)
+
+
 def main(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--shape", default="tiny", choices=list(SHAPES))
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--repeats", type=int, default=None, help="default: 5 (paper: 1)")
-    parser.add_argument("--decode_tokens", type=int, default=None, help="default: 32 (paper: 4)")
-    args = parser.parse_args(argv)
-    paper = args.shape == "paper"                   # seconds per step on a CPU: measure once
-    args.repeats = args.repeats or (1 if paper else 5)
-    args.decode_tokens = args.decode_tokens or (4 if paper else 32)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here")
-    report = run(args.shape, args.device, args.repeats, args.decode_tokens)
+    options = BenchOptions()
+    parse_options(options, argv, __doc__)
+    if options.shape not in SHAPES:
+        raise ValueError(f"--shape takes {', '.join(SHAPES)}, not {options.shape!r}")
+    if options.device not in ("cpu", "cuda"):
+        raise ValueError(f"--device takes cpu or cuda, not {options.device!r}")
+    check_device(options.device)
+    paper = options.shape == "paper"                # seconds per step on a CPU: measure once
+    repeats = options.repeats or (1 if paper else 5)
+    decode_tokens = options.decode_tokens or (4 if paper else 32)
+    report = run(options.shape, options.device, repeats, decode_tokens)
     print(f"machine: {report['machine']}; matmul peak {report['peak_flops'] / 1e9:.1f} GFLOP/s")
     print(table(report))
     if report["reference"]:
@@ -400,11 +405,10 @@ def main(argv):
         print(f"reference (transformers LlamaForCausalLM, same weights): train step ratio "
               f"{ref['train_step_ratio']:.2f} (ours / theirs time), greedy decode ratio "
               f"{ref['decode_ratio']:.2f} (ours / theirs tokens/s)")
-    if args.json:
-        with open(args.json, "w") as f:
+    if options.json:
+        with open(options.json, "w") as f:
             json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
-    from train import run_cli
     run_cli(main, sys.argv[1:])

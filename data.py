@@ -363,10 +363,10 @@ class FolderData:
         return self.load(self.splits[name][:n])
 
 
-def make_data(config):
-    """Shapes or a caption folder; the tokenizer of a pretrained LLM (llm_path) when there is one."""
-    tokenizer = None
-    if config.model.llm_path:
+def make_data(config, tokenizer=None):
+    """Shapes or a caption folder. The tokenizer: the one given (a checkpoint's), that of a
+    pretrained LLM (llm_path), or a new one (the Shapes words, or the folder's captions)."""
+    if tokenizer is None and config.model.llm_path:
         if not os.path.isfile(os.path.join(config.model.llm_path, "tokenizer.json")):
             raise DataError(f"{config.model.llm_path} has no tokenizer.json: the tokenizer comes from "
                             "the LLM's directory (download it with the weights)")

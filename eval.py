@@ -1,173 +1,60 @@
-"""Caption metrics: Shapes attribute metrics (DESIGN.md section 6), BLEU-4 and CIDEr for real data.
+"""Evaluate a trained run on one of its splits, read from the run's own saved config.
 
-    python eval.py --checkpoint DIR [--split test] [--n 500] [--data shapes|FOLDER] [--attention composite]
+    python eval.py --checkpoint OUT_DIR [--split test|val|train] [--n N] [--attention composite]
 
-Shapes: captions are parsed back into objects. `exact_match` compares whole captions;
-`object_f1` matches objects on all five attributes (micro-averaged over the split); the i-th
-predicted object is compared with the i-th true one (both in reading order) for `shape_acc`,
-`color_acc`, `size_acc`, `texture_acc` and `position_acc`, a missing object counting as wrong;
-`count_acc` is the share of images with the right number of objects; `unparsed` is the share of
-predicted phrases that were not valid object phrases.
+The data, splits, seed, tokenizer and caption length are the run's (OUT_DIR/checkpoint/
+train_config.json), so `python eval.py --checkpoint OUT` reproduces OUT/eval.json exactly. Writes
+OUT/eval_SPLIT.json. Metrics: see metrics.py.
 """
 
-import argparse
 import json
-import math
 import os
 import sys
-from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
-from data import decode, parse_caption
-
-ATTRIBUTES = ("shape", "color", "size", "texture", "position")
-
-
-def shapes_metrics(predictions, references):
-    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
-    true_positive = n_pred = n_true = right_count = n_phrases = n_unparsed = 0
-    correct = Counter()
-    for prediction, reference in zip(predictions, references):
-        predicted, unparsed = parse_caption(prediction)
-        truth, _ = parse_caption(reference)
-        n_phrases += len(predicted) + len(unparsed)
-        n_unparsed += len(unparsed)
-        true_positive += sum((Counter(predicted) & Counter(truth)).values())
-        n_pred, n_true = n_pred + len(predicted), n_true + len(truth)
-        right_count += len(predicted) == len(truth)
-        for i, obj in enumerate(truth):
-            if i < len(predicted):
-                for attribute in ATTRIBUTES:
-                    correct[attribute] += getattr(predicted[i], attribute) == getattr(obj, attribute)
-    n = max(len(references), 1)
-    metrics = {"exact_match": exact / n,
-               "object_f1": 2 * true_positive / max(n_pred + n_true, 1)}
-    metrics.update({f"{a}_acc": correct[a] / max(n_true, 1) for a in ATTRIBUTES})
-    metrics["count_acc"] = right_count / n
-    metrics["unparsed"] = n_unparsed / max(n_phrases, 1)
-    return metrics
+from config import check_device, load_run_config, parse_options, run_cli
+from data import load_tokenizer, make_data
+from metrics import evaluate_run, print_table
+from model import SparseCut
+from weights import checkpoint_dir
 
 
-def ngrams(words, n):
-    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
-
-
-def bleu4(predictions, references_list):
-    """Corpus BLEU-4 (Papineni et al.): clipped n-gram precisions, geometric mean, brevity penalty."""
-    matches, totals = [0] * 4, [0] * 4
-    pred_len = ref_len = 0
-    for prediction, references in zip(predictions, references_list):
-        words = prediction.split()
-        refs = [r.split() for r in references]
-        pred_len += len(words)
-        ref_len += min((abs(len(r) - len(words)), len(r)) for r in refs)[1]
-        for n in range(1, 5):
-            counts = ngrams(words, n)
-            best = Counter()
-            for ref in refs:
-                best |= ngrams(ref, n)
-            matches[n - 1] += sum((counts & best).values())
-            totals[n - 1] += max(len(words) - n + 1, 0)
-    if min(matches) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
-    brevity = min(0.0, 1 - ref_len / max(pred_len, 1))
-    return math.exp(log_precision + brevity)
-
-
-def cider(predictions, references_list, sigma=6.0):
-    """CIDEr-D (Vedantam et al.): tf-idf n-gram cosine (n = 1..4) with a length penalty, x10."""
-    n_images = len(references_list)
-    frequency = Counter()
-    for refs in references_list:                                  # document frequency per image
-        seen = set()
-        for ref in refs:
-            for n in range(1, 5):
-                seen |= set(ngrams(ref.split(), n))
-        frequency.update(seen)
-
-    def vector(text, n):
-        counts = ngrams(text.split(), n)
-        return {g: c * math.log(max(1.0, n_images) / max(1.0, frequency[g])) for g, c in counts.items()}
-
-    total = 0.0
-    for prediction, references in zip(predictions, references_list):
-        score = 0.0
-        for n in range(1, 5):
-            vp = vector(prediction, n)
-            norm_p = math.sqrt(sum(v * v for v in vp.values()))
-            for ref in references:
-                vr = vector(ref, n)
-                norm_r = math.sqrt(sum(v * v for v in vr.values()))
-                dot = sum(min(vp[g], vr[g]) * vr[g] for g in vp if g in vr)
-                penalty = math.exp(-((len(prediction.split()) - len(ref.split())) ** 2) / (2 * sigma ** 2))
-                if norm_p and norm_r:
-                    score += penalty * dot / (norm_p * norm_r)
-        total += score / 4 / len(references) * 10
-    return total / max(len(predictions), 1)
-
-
-@torch.no_grad()
-def caption_images(model, tokenizer, images, device, batch=100, max_new_tokens=40, **sampling):
-    model.eval()
-    captions = []
-    for i in range(0, len(images), batch):
-        for ids in model.generate(images[i:i + batch].to(device), max_new_tokens=max_new_tokens, **sampling):
-            captions.append(decode(tokenizer, ids))
-    return captions
-
-
-def evaluate(model, tokenizer, images, references, shapes=True, device="cpu", **sampling):
-    """Caption the images greedily and score them; references: one caption (or a list) per image."""
-    predictions = caption_images(model, tokenizer, images, device, **sampling)
-    if shapes:
-        return shapes_metrics(predictions, references)
-    refs = [r if isinstance(r, list) else [r] for r in references]
-    return {"bleu4": bleu4(predictions, refs), "cider": cider(predictions, refs)}
-
-
-def print_table(metrics, title):
-    print(f"| {title} | value |\n|---|---|")
-    for name, value in metrics.items():
-        print(f"| {name} | {value:.4f} |")
+@dataclass
+class EvalOptions:
+    checkpoint: str = "out/tiny"      # a training out_dir, or its checkpoint/ directory
+    split: str = "test"               # test | val | train
+    n: int = 0                        # images; 0: the run's n_test (n_val for val)
+    attention: str = ""               # composite on a causal checkpoint = EE-MLLM-F
+    device: str = "cpu"
 
 
 def main(argv):
-    from data import load_tokenizer
-    from model import SparseCut
-    from data import make_data
-    from train import CONFIGS, split_loss
-    from weights import checkpoint_dir
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--checkpoint", default="out/tiny")
-    parser.add_argument("--split", default="test", choices=["test", "val", "train"])
-    parser.add_argument("--n", type=int, default=500)
-    parser.add_argument("--data", default="shapes")
-    parser.add_argument("--attention", choices=["causal", "composite"], default=None)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
-    if args.n <= 0:
-        raise ValueError(f"--n must be positive, not {args.n}")
-    path = checkpoint_dir(args.checkpoint)
-    overrides = {"attention": args.attention} if args.attention else {}
-    model = SparseCut.from_pretrained(path, device=args.device, **overrides)
-    config = CONFIGS["tiny"]()
-    config.model, config.data = model.config, args.data
-    data = make_data(config)
-    data.tokenizer = load_tokenizer(path)
-    images, captions = data.split(args.split, args.n)
-    metrics = evaluate(model, data.tokenizer, images, captions, shapes=args.data == "shapes",
-                       device=args.device)
-    metrics["val_loss"] = split_loss(model, data, images, captions, config, torch.device(args.device),
-                                     torch.float32)
-    print_table(metrics, f"{args.split} ({len(captions)} images)")
-    out = os.path.join(args.checkpoint, f"eval_{args.split}.json")
+    options = EvalOptions()
+    parse_options(options, argv, __doc__)
+    if options.split not in ("test", "val", "train"):
+        raise ValueError(f"--split takes test, val or train, not {options.split!r}")
+    if options.n < 0:
+        raise ValueError(f"--n must be positive (or 0 for the run's own count), not {options.n}")
+    check_device(options.device)
+    path = checkpoint_dir(options.checkpoint)
+    overrides = {"attention": options.attention} if options.attention else {}
+    model = SparseCut.from_pretrained(path, device=options.device, **overrides)
+    config = load_run_config(path)
+    config.model = model.config
+    if options.n:
+        setattr(config, "n_val" if options.split == "val" else "n_test", options.n)
+    data = make_data(config, load_tokenizer(path))
+    metrics = evaluate_run(model, data, config, options.split, options.device)
+    print_table(metrics, f"{options.split} ({config.n_val if options.split == 'val' else config.n_test} images)")
+    run_dir = os.path.dirname(path) if os.path.basename(path) == "checkpoint" else path
+    out = os.path.join(run_dir, f"eval_{options.split}.json")
     with open(out, "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    from train import run_cli
+    torch.set_grad_enabled(False)
     run_cli(main, sys.argv[1:])

@@ -236,6 +236,9 @@ class LLM(nn.Module):
         """
         if attention not in ("causal", "composite"):
             raise ValueError(f"attention must be 'causal' or 'composite', not {attention!r}")
+        if attention == "composite" and image_span is None:
+            raise ValueError("composite attention needs image_span=(start, end), the visual "
+                             "tokens' positions; use (0, 0) for a text-only sequence")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, D)
         B, T, _ = h.shape
         start = kv_cache.length if kv_cache is not None else 0
@@ -243,9 +246,8 @@ class LLM(nn.Module):
             position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
         cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, h.dtype)
         mask = build_mask(T, start, attention_mask, h.device)
-        composite_span = None
-        if attention == "composite" and image_span is not None:
-            composite_span = image_span
+        composite_span = image_span if attention == "composite" else None
+        if composite_span is not None:
             if mask is None:                                      # composite needs explicit rows
                 mask = build_mask(T, start, torch.ones(B, start + T, dtype=torch.bool,
                                                            device=h.device), h.device)

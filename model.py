@@ -1,13 +1,10 @@
-"""SparseCut: ViT -> multi-grained fusion -> LLM with sparse shortcuts (arXiv 2602.00505).
+"""SparseCut: ViT -> fusion -> LLM with sparse shortcuts (arXiv 2602.00505).
 
-One class serves the three fusion modes compared in the paper and both attention modes:
-- `llava`      LLaVA-1.5: penultimate ViT layer of the low-res view, projector, N = G^2 tokens.
-- `concat`     every view's tokens in the LLM input: N = 5 G^2 tokens (the costly alternative).
-- `sparsecut`  multi-grained fusion of the penultimate layer as input tokens (N = G^2), plus the
-               fused features of the tapped ViT layers added at the image positions of chosen LLM
-               layers (section 3.3). With `shortcuts="none"` it is fusion only.
-- `attention`  `causal`, or EE-MLLM's `composite` (see llm.py), usable on any fusion mode and at
-               inference on a model trained causally (EE-MLLM-F).
+One class serves every fusion mode (fusion.py: `llava`, `concat`, `deepstack`, `sparsecut`, one
+unit each) and both attention modes (llm.py: `causal`, or EE-MLLM's `composite`, which also works
+at inference on a model trained causally: EE-MLLM-F). The model does not branch on the mode: the
+fusion unit says which views the ViT sees and how deep, and returns the input tokens and the
+shortcut injections.
 
 Sequence layout: [image tokens (N)][text tokens (T)]; the text starts with BOS. `forward` returns
 logits for the text positions only, so logits[:, j] predicts input_ids[:, j + 1].
@@ -21,19 +18,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusion import image_views, make_fuser, patch_tokens, split_views
+from fusion import FUSIONS, image_views
 from llm import LLM, KVCache, LLMConfig
-from shortcuts import ShortcutGates, injections, shortcut_plan
 from vit import ViT, ViTConfig
 from weights import CheckpointError, atomic_directory, fill_weights, load_weights, read_config
 
-CHOICES = {
-    "fusion": ("llava", "concat", "sparsecut"),
+CHOICES = {                        # and fusion: a key of fusion.FUSIONS
     "attention": ("causal", "composite"),
     "fuser": ("cross_mlp", "cross_attn"),
     "shortcut_projector": ("shared", "per_layer"),
     "shortcut_gate": ("none", "zero"),
 }
+CONFIG_VERSION = 2      # 1 (no field): shortcuts applied to sparsecut only, fusers at top level
 
 
 @dataclass
@@ -45,22 +41,30 @@ class SparseCutConfig:
     visual_ffn: bool = True        # composite attention: do visual tokens go through the FFN?
     fuser: str = "cross_mlp"
     cross_attn_heads: int = 4
-    shortcuts: object = "uniform"  # a pattern name (shortcuts.PATTERNS) or [(vit_layer, llm_layer)]
-    n_shortcuts: int = 8
+    shortcuts: object = "default"  # "default" (the mode's own), a pattern name (shortcuts.PATTERNS)
+    n_shortcuts: int = 8           # or [(vit_layer, llm_layer), ...]
     shortcut_projector: str = "shared"
     shortcut_gate: str = "none"
+    deepstack_start: int = 1       # deepstack: the LLM layers its 4 stacks are added before
+    deepstack_interval: int = 1
     input_layer: int = -2          # ViT hidden state feeding the input tokens: the penultimate
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
     vit_path: str = ""             # Hugging Face directories of pretrained backbones (real runs);
     llm_path: str = ""             # their configs replace vit/llm, and checkpoints may omit them
+    config_version: int = CONFIG_VERSION
 
     def __post_init__(self):
-        for name, allowed in CHOICES.items():
+        self.check()
+
+    def check(self):
+        """Every choice and the shortcut plan, checked once, here (also after command-line edits)."""
+        for name, allowed in {"fusion": tuple(FUSIONS), **CHOICES}.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                                  f"not {getattr(self, name)!r}")
+        FUSIONS[self.fusion].make_plan(self)
 
     def to_dict(self):
         return asdict(self)
@@ -68,10 +72,12 @@ class SparseCutConfig:
     @classmethod
     def from_dict(cls, d):
         d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
             raise ValueError(f"unknown SparseCutConfig fields {sorted(unknown)}")
+        if d.get("config_version", 1) == 1 and d.get("fusion", "sparsecut") != "sparsecut":
+            d["shortcuts"] = "none"                # version 1 ignored shortcuts outside sparsecut
+        d["config_version"] = CONFIG_VERSION
         d["vit"] = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in d.get("vit", {}).items()})
         d["llm"] = LLMConfig(**d.get("llm", {}))
@@ -80,7 +86,7 @@ class SparseCutConfig:
     @property
     def n_image_tokens(self):
         """Visual tokens in the LLM sequence: G^2, or 5 G^2 for concat."""
-        return self.vit.grid ** 2 * (5 if self.fusion == "concat" else 1)
+        return FUSIONS[self.fusion].image_tokens(self.vit)
 
 
 def init_weights(module, std=0.02):
@@ -111,71 +117,46 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
 
 
 class SparseCut(nn.Module):
-    """The multimodal model. forward(images, input_ids, labels) -> (logits, loss)."""
+    """The multimodal model. forward(images, input_ids, labels) -> (logits, loss).
 
-    def __init__(self, config):
+    The one constructor: it builds the ViT and the LLM unless they are given (pretrained
+    backbones), and always the fusion unit of config.fusion; what it builds it initialises."""
+
+    def __init__(self, config, vit=None, llm=None):
         super().__init__()
         self.config = config
-        self.vit = ViT(config.vit)
-        self.llm = LLM(config.llm)
-        shortcuts = config.shortcuts if config.fusion == "sparsecut" else "none"
-        self.plan = shortcut_plan(shortcuts, config.vit.n_layer, config.llm.n_layer, config.n_shortcuts)
-        per_layer = config.shortcut_projector == "per_layer"
-        # Slot 0 makes the input tokens; slot k (per_layer) the k-th shortcut's features.
-        self.fusers = nn.ModuleList(make_fuser(config) for _ in range(1 + len(self.plan) * per_layer))
-        self.gates = ShortcutGates(len(self.plan)) if config.shortcut_gate == "zero" and self.plan else None
-        self.apply(init_weights)
-        self.input_layer = config.input_layer % (config.vit.n_layer + 1)   # -2 -> n_layer - 1
-        self.vit_depth = max([self.input_layer] + [vit_layer for vit_layer, _ in self.plan])
-        self.freeze_unused_vit()
-
-    def freeze_unused_vit(self):
-        """The ViT runs only as deep as the deepest state used; the blocks above it and the final
-        layernorm (the model uses un-normalised states, as LLaVA does) get no gradient: frozen."""
-        for block in self.vit.layers[self.vit_depth:]:
+        self.vit = vit if vit is not None else ViT(config.vit)
+        self.llm = llm if llm is not None else LLM(config.llm)
+        self.fusion = FUSIONS[config.fusion](config)
+        for module, given in ((self.vit, vit), (self.llm, llm), (self.fusion, None)):
+            if given is None:
+                module.apply(init_weights)
+        # The ViT runs only as deep as the deepest state used; the blocks above it and the final
+        # layernorm (the model uses un-normalised states, as LLaVA does) get no gradient: frozen.
+        for block in self.vit.layers[self.fusion.vit_depth:]:
             block.requires_grad_(False)
         self.vit.post_layernorm.requires_grad_(False)
 
     @classmethod
     def from_backbones(cls, config, device="cpu", dtype=torch.float32):
         """The paper's setting: pretrained ViT and LLM from config.vit_path / config.llm_path
-        (Hugging Face directories), fusion and gates initialised from scratch. Nothing is
-        allocated twice: the model is built on the meta device and the backbones are put in."""
-        vit = ViT.from_pretrained(config.vit_path, dtype=dtype, device=device)
-        llm = LLM.from_pretrained(config.llm_path, dtype=dtype, device=device)
+        (Hugging Face directories), the fusion unit new. Backbones are loaded once, in place."""
+        vit = ViT.from_pretrained(config.vit_path, dtype=dtype, device=device).train()
+        llm = LLM.from_pretrained(config.llm_path, dtype=dtype, device=device).train()
         hf = read_config(config.llm_path)
         eos = hf.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
         ids = {"bos_id": hf.get("bos_token_id"), "eos_id": eos, "pad_id": hf.get("pad_token_id")}
         config = replace(config, vit=vit.config, llm=llm.config,
                          **{k: v for k, v in ids.items() if v is not None})
-        with torch.device("meta"):
-            model = cls(config)
-        model.vit, model.llm = vit.train(), llm.train()
-        model.freeze_unused_vit()
-        with torch.device(device):                               # the new parts, for real
-            model.fusers = nn.ModuleList(make_fuser(config) for _ in model.fusers)
-            model.gates = ShortcutGates(len(model.plan)) if model.gates is not None else None
-        model.fusers.apply(init_weights)
-        return model.to(dtype)
+        with torch.device(device):
+            return cls(config, vit=vit, llm=llm).to(dtype)
 
     def encode_images(self, images):
         """images (B, 3, H, W) in [0, 1] -> input tokens (B, N, d), injections {llm_layer: (B, N, d)}."""
-        c = self.config
-        B = images.shape[0]
-        views = image_views(images, c.vit.image_size, high_res=c.fusion != "llava")  # (V*B, 3, R, R)
-        hidden = self.vit(self.vit.normalize(views), self.vit_depth)  # vit_depth + 1 x (V*B, T, D_vit)
-        tokens = lambda layer: patch_tokens(hidden[layer], c.vit.class_token)         # (V*B, G*G, D_vit)
-        if c.fusion == "llava":
-            return self.fusers[0](tokens(self.input_layer)), {}
-        if c.fusion == "concat":
-            all_views = tokens(self.input_layer).view(5, B, -1, c.vit.width).transpose(0, 1)
-            return self.fusers[0](all_views.flatten(1, 2)), {}  # (B, 5 G*G, d)
-        fuser = lambda slot: self.fusers[slot if len(self.fusers) > 1 else 0]
-        inputs = fuser(0)(*split_views(tokens(self.input_layer), B))                    # (B, G*G, d)
-        fused = [fuser(1 + k)(*split_views(tokens(vit_layer), B))
-                 for k, (vit_layer, _) in enumerate(self.plan)]
-        return inputs, injections(self.plan, fused, self.gates)
+        views = image_views(images, self.config.vit.image_size, self.fusion.high_res)  # (V*B, 3, R, R)
+        hidden = self.vit(self.vit.normalize(views), self.fusion.vit_depth)  # vit_depth + 1 x (V*B, T, D_vit)
+        return self.fusion(hidden, images.shape[0])
 
     def forward(self, images, input_ids, labels=None, attention=None):
         """images (B, 3, H, W) in [0, 1]; input_ids, labels (B, T), labels -100 where no loss.
@@ -282,14 +263,27 @@ class SparseCut(nn.Module):
         """Load a directory written by save_pretrained. overrides replace config fields (e.g.
         attention="composite" for training-free composite attention on a causal model); config,
         if given, is the config the checkpoint must match (resuming a run)."""
+        raw = read_config(path)
         if config is None:
-            raw = read_config(path)
             try:
                 config = SparseCutConfig.from_dict({**raw, **overrides})
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"{path}/config.json is not a SparseCut config ({error})") from None
+        names = version_1_names(config.fusion) if raw.get("config_version", 1) == 1 else lambda name: name
         if not (config.vit_path and config.llm_path):
-            return load_weights(cls, config, path, dtype=dtype, device=device)
+            return load_weights(cls, config, path, names, dtype=dtype, device=device)
         model = cls.from_backbones(config, device, dtype)
-        return fill_weights(model, path, dtype=dtype, device=device,
+        return fill_weights(model, path, names, dtype=dtype, device=device,
                             optional_prefixes=("vit.", "llm."))
+
+
+def version_1_names(fusion):
+    """Tensor names of config version 1 -> ours: the fusers and gates were at the top level, and
+    the baselines' projector was wrapped in one more module."""
+    def rename(name):
+        if not name.startswith(("fusers.", "gates.")):
+            return name
+        if fusion in ("llava", "concat"):
+            name = name.replace(".projector.", ".", 1)
+        return "fusion." + name
+    return rename

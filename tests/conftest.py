@@ -12,7 +12,7 @@ from llm import LLMConfig  # noqa: E402
 from model import SparseCut, SparseCutConfig  # noqa: E402
 from vit import ViTConfig  # noqa: E402
 
-FUSIONS = ("llava", "concat", "sparsecut")
+FUSIONS = ("llava", "concat", "deepstack", "sparsecut")
 ATTENTIONS = ("causal", "composite")
 
 

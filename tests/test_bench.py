@@ -4,7 +4,7 @@ import pytest
 
 import bench
 
-ROWS = ["llava", "concat", "fusion-only", "sparsecut", "llava+composite", "sparsecut+composite",
+ROWS = ["llava", "concat", "deepstack", "llava+shortcuts", "fusion-only", "sparsecut", "llava+composite", "sparsecut+composite",
         "llava+composite-noffn", "sparsecut+composite-noffn"]
 
 
@@ -44,8 +44,8 @@ def test_flop_ratios_between_modes(report):
     # closed form's factor
     assert rows["sparsecut"]["flops"]["llm"] == rows["llava"]["flops"]["llm"]
     config = bench.mode_config("mini", "concat")
-    predicted = bench.closed_form_flops(config, [], text, 1)["llm"] / \
-        bench.closed_form_flops(bench.mode_config("mini", "llava"), [], text, 1)["llm"]
+    predicted = bench.closed_form_flops(config, text)["llm"] / \
+        bench.closed_form_flops(bench.mode_config("mini", "llava"), text)["llm"]
     assert rows["concat"]["flops"]["llm"] / rows["llava"]["flops"]["llm"] == pytest.approx(predicted, rel=0.01)
     assert predicted > 2.5
     # composite attention saves LLM FLOPs, more without the visual FFN; vision is 5 views vs 1
@@ -57,6 +57,6 @@ def test_flop_ratios_between_modes(report):
 def test_composite_prefill_flops_at_the_paper_shape():
     """EE-MLLM's saving at the paper's proportions (576 visual + 64 text tokens, Vicuna-7B)."""
     def prefill(mode):
-        return bench.closed_form_flops(bench.mode_config("paper", mode), [], 64, 23, 32, head_rows=1)["llm"]
+        return bench.closed_form_flops(bench.mode_config("paper", mode, full_depth=True), 64, head_rows=1)["llm"]
     assert prefill("llava+composite-noffn") <= 0.35 * prefill("llava")
     assert prefill("llava+composite") < prefill("llava")

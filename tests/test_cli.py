@@ -46,7 +46,8 @@ def trained(tmp_path_factory):
 
 def test_train_writes_checkpoint_metrics_and_eval(trained):
     assert sorted(os.listdir(trained / "checkpoint")) == ["config.json", "model.safetensors",
-                                                          "tokenizer.json", "train_state.pt"]
+                                                          "tokenizer.json", "train_config.json",
+                                                          "train_state.pt"]
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 3, 4, 6]
     assert all("loss" in r for r in records if r["step"] % 2 == 0)
@@ -104,7 +105,7 @@ def test_bad_command_lines(trained, tmp_path):
     (tmp_path / "empty").mkdir()
     bad("train.py", "--data", tmp_path / "empty", match="has no caption file")
     bad("train.py", "--config", "tiny", *SMALL, "--llm.width", 48, "--resume", "--out_dir", trained,
-        match="does not match the model config")
+        match="--model.llm.width 48 would change the model of the run")
 
 
 def test_bad_images_and_checkpoints(trained, tmp_path):
@@ -139,3 +140,55 @@ def test_real_configs_say_what_to_download(tmp_path):
     bad("train.py", "--config", "smol", "--device", "cpu", "--data", "shapes", match=
         "--vit_path checkpoints/siglip-base-patch16-224 does not exist: download google/siglip-base-patch16-224")
     bad("train.py", "--config", "tiny", "--vit_path", tmp_path, match="--vit_path and --llm_path go together")
+
+
+def test_eval_reproduces_the_runs_eval_json(trained):
+    run("eval.py", "--checkpoint", trained)
+    assert json.loads((trained / "eval_test.json").read_text()) == json.loads((trained / "eval.json").read_text())
+
+
+def test_resume_reads_the_saved_config_and_refuses_a_model_change(tmp_path):
+    """Resumed without the model options it was started with, a run continues as it was (a
+    constant learning rate after warmup makes the schedule independent of max_iters)."""
+    common = [*SMALL, "--min_lr_ratio", 1, "--eval_interval", 1000, "--n_test", 2]
+    model = ["--shortcuts", "reverse", "--attention", "composite"]
+    run("train.py", *common, *model, "--max_iters", 6, "--out_dir", tmp_path / "straight")
+    run("train.py", *common, *model, "--max_iters", 3, "--out_dir", tmp_path / "resumed")
+    run("train.py", "--resume", "--max_iters", 6, "--out_dir", tmp_path / "resumed")
+    saved = json.loads((tmp_path / "resumed" / "checkpoint" / "config.json").read_text())
+    assert saved["shortcuts"] == "reverse" and saved["attention"] == "composite"
+    run_config = json.loads((tmp_path / "resumed" / "checkpoint" / "train_config.json").read_text())
+    assert run_config["max_iters"] == 6 and run_config["batch_size"] == 4
+    straight = (tmp_path / "straight" / "checkpoint" / "model.safetensors").read_bytes()
+    assert (tmp_path / "resumed" / "checkpoint" / "model.safetensors").read_bytes() == straight
+    bad("train.py", "--resume", "--out_dir", tmp_path / "resumed", "--shortcuts", "uniform",
+        match="--model.shortcuts uniform would change the model of the run")
+    bad("train.py", "--resume", "--out_dir", tmp_path / "resumed", "--config", "smol",
+        match="was started with --config tiny, not smol")
+
+
+def test_eval_reads_the_runs_data_split_and_seed(tmp_path):
+    """A caption folder trained with --seed 7: eval's test split is the run's, not seed 1337's."""
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    colors = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
+    records = []
+    for i in range(40):
+        name = list(colors)[i % 3]
+        Image.new("RGB", (24, 24), colors[name]).save(folder / f"{i}.png")
+        records.append({"image": f"{i}.png", "caption": f"a {name} square number {i}"})
+    (folder / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in records))
+    out = tmp_path / "out"
+    run("train.py", *SMALL, "--data", folder, "--seed", 7, "--max_iters", 2, "--n_test", 2,
+        "--n_val", 2, "--max_caption_tokens", 12, "--out_dir", out)
+    run("eval.py", "--checkpoint", out / "checkpoint")
+    metrics = json.loads((out / "eval.json").read_text())
+    assert set(metrics) == {"bleu4", "cider", "val_loss"}
+    assert json.loads((out / "eval_test.json").read_text()) == metrics
+
+
+@pytest.mark.parametrize("mode", [["--fusion", "deepstack"], ["--fusion", "llava", "--shortcuts", "uniform"]])
+def test_new_modes_train_from_the_command_line(mode, tmp_path):
+    run("train.py", *SMALL, *mode, "--max_iters", 2, "--n_test", 2, "--out_dir", tmp_path)
+    saved = json.loads((tmp_path / "checkpoint" / "config.json").read_text())
+    assert saved["fusion"] == mode[1] and saved["shortcuts"] == (mode[3] if len(mode) > 2 else "default")

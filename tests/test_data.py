@@ -9,7 +9,7 @@ from PIL import Image
 from data import (CANVAS, COLORS, DataError, ShapeObject, ShapesRenderer, build_tokenizer, caption_of,
                   decode, encode, load_image, parse_caption, read_caption_pairs, shapes_split,
                   shapes_vocabulary, to_tensor)
-from eval import bleu4, cider, shapes_metrics
+from metrics import bleu4, cider, shapes_metrics
 from fusion import resize
 
 

@@ -152,7 +152,7 @@ def test_sparsecut_from_backbones_and_a_checkpoint_without_them(tmp_path):
     model.vit.requires_grad_(False)
     model.llm.requires_grad_(False)
     with torch.no_grad():
-        model.gates.gate.fill_(0.3)
+        model.fusion.gates.gate.fill_(0.3)
     model.save_pretrained(tmp_path / "stage1")
     saved = (tmp_path / "stage1" / "model.safetensors").stat().st_size
     backbones = sum((tmp_path / d / "model.safetensors").stat().st_size for d in ("vit", "llm"))

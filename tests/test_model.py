@@ -37,7 +37,7 @@ def test_zero_gate_parameters_get_gradients(images):
     model = tiny_model(fusion="sparsecut", shortcut_gate="zero").train()
     _, loss = model(images, torch.randint(3, 40, (2, 6)), torch.randint(3, 40, (2, 6)))
     loss.backward()
-    assert model.gates.gate.grad.abs().sum() > 0
+    assert model.fusion.gates.gate.grad.abs().sum() > 0
 
 
 def test_sequence_lengths(images):
@@ -82,14 +82,14 @@ def test_injection_touches_only_image_positions_from_its_layer_on():
 
 def test_zero_gate_equals_model_without_shortcuts(images):
     gated = tiny_model(fusion="sparsecut", shortcut_gate="zero")
-    assert len(gated.plan) == 3
+    assert len(gated.fusion.plan) == 3
     plain = SparseCut(tiny_config(fusion="sparsecut", shortcuts="none")).eval()
-    state = {k: v for k, v in gated.state_dict().items() if not k.startswith("gates.")}
+    state = {k: v for k, v in gated.state_dict().items() if not k.startswith("fusion.gates.")}
     plain.load_state_dict(state)
     ids = torch.randint(3, 40, (2, 6))
     assert torch.equal(gated(images, ids)[0], plain(images, ids)[0])
     with torch.no_grad():
-        gated.gates.gate.fill_(1.0)
+        gated.fusion.gates.gate.fill_(1.0)
     assert not torch.allclose(gated(images, ids)[0], plain(images, ids)[0])
 
 
@@ -103,7 +103,7 @@ def test_high_res_crop_changes_only_its_quadrant(fuser, images):
 
     def fused(v):
         hidden = model.vit(model.vit.normalize(v))
-        return model.fusers[0](*split_views(patch_tokens(hidden[-2], True), B))  # (B, G*G, d)
+        return model.fusion.fusers[0](*split_views(patch_tokens(hidden[-2], True), B))  # (B, G*G, d)
 
     changed = (fused(views) - fused(edited)).abs().amax(-1).view(B, G, G) > 0
     top_left = torch.zeros(G, G, dtype=torch.bool)
@@ -125,7 +125,7 @@ def test_views_are_low_res_and_four_crops():
 def test_save_and_load_reproduce_logits(tmp_path, images):
     model = tiny_model(fusion="sparsecut", shortcut_gate="zero", std=0.1)
     with torch.no_grad():
-        model.gates.gate.fill_(0.5)
+        model.fusion.gates.gate.fill_(0.5)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = SparseCut.from_pretrained(tmp_path / "ckpt")
     ids = torch.randint(3, 40, (2, 6))

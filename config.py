@@ -1,0 +1,281 @@
+"""Run configs and the command line, shared by every script.
+
+- `TrainConfig` and the named configs (`tiny`, `smol`, `llava15-7b`).
+- One parser for all scripts: `--path value` sets a field of a dataclass tree. A field is named
+  by its dotted path (`--model.vit.width 128`) or by any tail of it that names one field only
+  (`--vit.width 128`, `--fusion llava`); a name that could mean two fields is an error. Values
+  are converted by the field's type: booleans spelled out (`--fsdp true`, or bare `--fsdp`), lists
+  take several values, and `object` fields (explicit shortcut lists) take JSON data.
+- The saved run config (`train_config.json` in a checkpoint): resume, eval and sample read it.
+- `run_cli`: every expected failure ends in one line on stderr and exit status 2.
+"""
+
+import dataclasses
+import difflib
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+from llm import LLMConfig
+from model import SparseCutConfig
+from vit import ViTConfig
+from weights import CheckpointError
+
+RUN_CONFIG = "train_config.json"
+
+
+@dataclass
+class TrainConfig:
+    model: SparseCutConfig = field(default_factory=SparseCutConfig)
+    data: str = "shapes"              # "shapes", or a folder of images with a caption file
+    out_dir: str = "out/tiny"
+    device: str = "cpu"               # cpu | cuda | mps
+    seed: int = 1337
+    batch_size: int = 32
+    grad_accum: int = 1
+    max_iters: int = 900
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_iters: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    dtype: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU where bf16 is slower) | float32 | bfloat16
+    compile: str = "auto"             # auto (on CUDA) | on | off
+    freeze: str = ""                  # comma list of vit, fusion, llm (paper stage 1: vit,llm)
+    init_from: str = ""               # start from this checkpoint's weights (paper stage 2)
+    fsdp: bool = False                # under torchrun: FSDP2 instead of DDP
+    activation_checkpointing: bool = False   # recompute LLM blocks in the backward pass
+    log_interval: int = 20
+    eval_interval: int = 300
+    checkpoint_interval: int = 300
+    n_val: int = 256
+    n_test: int = 500
+    max_caption_tokens: int = 40      # BOS + caption + EOS; generation stops one short of it
+    resume: bool = False
+    config_name: str = "tiny"         # the named config this run started from
+
+    def check(self):
+        """Ranges and choices, checked once after every edit (the model's own, too)."""
+        self.model.check()
+        for name in ("max_iters", "batch_size", "grad_accum", "log_interval", "eval_interval",
+                     "checkpoint_interval", "n_test", "n_val"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive, not {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"--lr must be positive, not {self.lr}")
+        if self.max_caption_tokens < 2:
+            raise ValueError(f"--max_caption_tokens must be at least 2 (BOS and EOS), not {self.max_caption_tokens}")
+        for name, allowed in (("dtype", ("auto", "float32", "bfloat16")), ("compile", ("auto", "on", "off"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} takes {', '.join(allowed)}, not {getattr(self, name)!r}")
+        check_device(self.device)
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
+        d["model"] = SparseCutConfig.from_dict(d.get("model", {}))
+        return cls(**d)
+
+
+def check_device(name):
+    kind = name.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device takes cpu, cuda or mps, not {name!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
+
+
+def tiny():
+    """The embedded default: a CPU captioner on Shapes in minutes."""
+    return TrainConfig(model=SparseCutConfig(
+        vit=ViTConfig(image_size=48, patch_size=8, width=96, n_layer=4, n_head=4, mlp_dim=384),
+        llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384)))
+
+
+def llava15_7b():
+    """The paper's setting at 7B: CLIP ViT-L/14-336 + Vicuna-7B v1.5, shortcuts scaled from the
+    released 13B lists to 24 ViT / 32 LLM layers ((1, 3), (4, 7), ..., (22, 31)). These are the
+    stage-1 settings (fusion only, lr 1e-3, LCS-558K); stage 2 adds
+    `--freeze vit --lr 2e-5 --init_from out/llava15-7b --data data/llava-665k --out_dir out/llava15-7b-s2`.
+    Global batch 256 as in LLaVA-1.5 (16 per GPU x 2 accumulation x 8 GPUs), 3% warmup, cosine."""
+    return TrainConfig(
+        model=SparseCutConfig(vit_path="checkpoints/clip-vit-large-patch14-336",
+                              llm_path="checkpoints/vicuna-7b-v1.5"),
+        data="data/llava-pretrain", out_dir="out/llava15-7b", device="cuda", batch_size=16,
+        grad_accum=2, max_iters=2180, lr=1e-3, warmup_iters=65, weight_decay=0.0,
+        freeze="vit,llm", fsdp=True, activation_checkpointing=True, log_interval=10,
+        eval_interval=500, checkpoint_interval=500, max_caption_tokens=128)
+
+
+def smol():
+    """SigLIP-B/16 + SmolLM2-135M: one GPU trains it in hours on Flickr8k or COCO captions."""
+    return TrainConfig(
+        model=SparseCutConfig(vit_path="checkpoints/siglip-base-patch16-224",
+                              llm_path="checkpoints/SmolLM2-135M"),
+        data="data/flickr8k", out_dir="out/smol", device="cuda", batch_size=64, max_iters=3000,
+        lr=2e-4, warmup_iters=100, freeze="vit", log_interval=20, eval_interval=500,
+        checkpoint_interval=500, max_caption_tokens=64)
+
+
+CONFIGS = {"tiny": tiny, "llava15-7b": llava15_7b, "smol": smol}
+
+
+def named_config(name):
+    if name not in CONFIGS:
+        raise ValueError(f"unknown --config {name!r}: choose one of {', '.join(CONFIGS)}")
+    config = CONFIGS[name]()
+    config.config_name = name
+    return config
+
+
+# --- the one parser ----------------------------------------------------------------------------
+
+def field_paths(config, prefix=""):
+    """{dotted path: field type} for every leaf field of a dataclass tree."""
+    paths = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            paths.update(field_paths(value, f"{prefix}{f.name}."))
+        else:
+            paths[prefix + f.name] = f.type if isinstance(f.type, type) else type(value)
+    return paths
+
+
+def resolve(name, paths):
+    """A command-line name -> the one field path it names (the path itself, or a tail of it)."""
+    matches = [path for path in paths if path == name or path.endswith("." + name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ValueError(f"--{name} could mean {' or '.join('--' + m for m in matches)}: "
+                         "give the full path")
+    close = difflib.get_close_matches(name, list(paths) + [p.rpartition(".")[2] for p in paths], n=3)
+    hint = f" (did you mean {', '.join('--' + c for c in dict.fromkeys(close))}?)" if close else ""
+    raise ValueError(f"unknown option --{name}{hint}; --help lists the options")
+
+
+def convert(value, kind, name):
+    """A command-line string to the field's type."""
+    if kind is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} takes true or false, not {value!r}")
+    if kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"--{name} takes a{'n integer' if kind is int else ' number'}, "
+                             f"not {value!r}") from None
+    if kind is tuple:
+        return tuple(convert(v, float, name) for v in value.split(","))
+    if kind is object and value.startswith(("[", "(")):                     # data, e.g. a shortcut list
+        try:
+            return json.loads(value.replace("(", "[").replace(")", "]"))
+        except json.JSONDecodeError:
+            raise ValueError(f"--{name} takes a name or a JSON list such as [[1, 2], [3, 4]], "
+                             f"not {value!r}") from None
+    return value
+
+
+BOOL_WORDS = ("1", "true", "yes", "on", "0", "false", "no", "off")
+
+
+def parse_options(config, argv, usage=""):
+    """Apply `--name value` options to the dataclass tree `config` in place.
+    Returns {path: value} of the options given, in order."""
+    paths = field_paths(config)
+    given, i = {}, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            print(usage.strip() + "\n\noptions (a tail of a path is enough when it names one field):")
+            for path, kind in paths.items():
+                print(f"  --{path} {kind.__name__.upper()}  (now {lookup(config, path)!r})")
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"unexpected argument {arg!r}: options look like --name value")
+        name, has_value, value = arg[2:].partition("=")
+        path = resolve(name, paths)
+        kind = paths[path]
+        values = [value] if has_value else []
+        while not has_value and i + 1 < len(argv) and not argv[i + 1].startswith("--") \
+                and (kind is list or not values) \
+                and (kind is not bool or argv[i + 1].lower() in BOOL_WORDS):
+            values.append(argv[i + 1])
+            i += 1
+        if kind is bool and not has_value and not values:
+            values = ["true"]                                    # a bare flag: --resume
+        if not values:
+            raise ValueError(f"--{name} needs a value")
+        given[path] = values if kind is list else convert(values[0], kind, name)
+        assign(config, path, given[path])
+        i += 1
+    return given
+
+
+def lookup(config, path):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def assign(config, path, value):
+    owner, _, leaf = path.rpartition(".")
+    setattr(lookup(config, owner) if owner else config, leaf, value)
+
+
+# --- the saved run config ----------------------------------------------------------------------
+
+def save_run_config(config, directory):
+    with open(os.path.join(directory, RUN_CONFIG), "w") as f:
+        json.dump(config.to_dict(), f, indent=2)
+
+
+def load_run_config(checkpoint):
+    """The TrainConfig a checkpoint was trained with: train_config.json, or (checkpoints written
+    before it existed) the copy inside train_state.pt."""
+    path = os.path.join(checkpoint, RUN_CONFIG)
+    state_path = os.path.join(checkpoint, "train_state.pt")
+    try:
+        if os.path.isfile(path):
+            with open(path) as f:
+                raw = json.load(f)
+        elif os.path.isfile(state_path):
+            raw = json.loads(torch.load(state_path, weights_only=True)["train_config"])
+        else:
+            raise CheckpointError(f"{checkpoint} has no {RUN_CONFIG}: it was not written by "
+                                  "train.py, so there is no training config to read")
+        return TrainConfig.from_dict(raw)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, RuntimeError) as error:
+        if isinstance(error, CheckpointError):
+            raise
+        raise CheckpointError(f"{path} is not a readable training config ({error})") from None
+
+
+# --- the error path ----------------------------------------------------------------------------
+
+def run_cli(main_function, argv):
+    """Bad input ends in one line on stderr and exit status 2, never a traceback."""
+    from data import DataError
+    try:
+        main_function(argv)
+    except (ValueError, DataError, CheckpointError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is kept", file=sys.stderr)
+        sys.exit(130)

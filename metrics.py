@@ -1,0 +1,153 @@
+"""Caption metrics: Shapes attribute metrics (DESIGN.md section 6), BLEU-4 and CIDEr for real data.
+
+Shapes: captions are parsed back into objects. `exact_match` compares whole captions;
+`object_f1` matches objects on all five attributes (micro-averaged over the split); the i-th
+predicted object is compared with the i-th true one (both in reading order) for `shape_acc`,
+`color_acc`, `size_acc`, `texture_acc` and `position_acc`, a missing object counting as wrong;
+`count_acc` is the share of images with the right number of objects; `unparsed` is the share of
+predicted phrases that were not valid object phrases. `evaluate_run` gives a run's eval.json.
+"""
+
+import math
+from collections import Counter
+
+import torch
+
+from data import caption_tokens, decode, parse_caption
+
+ATTRIBUTES = ("shape", "color", "size", "texture", "position")
+
+
+def shapes_metrics(predictions, references):
+    exact = sum(p.strip() == r.strip() for p, r in zip(predictions, references))
+    true_positive = n_pred = n_true = right_count = n_phrases = n_unparsed = 0
+    correct = Counter()
+    for prediction, reference in zip(predictions, references):
+        predicted, unparsed = parse_caption(prediction)
+        truth, _ = parse_caption(reference)
+        n_phrases += len(predicted) + len(unparsed)
+        n_unparsed += len(unparsed)
+        true_positive += sum((Counter(predicted) & Counter(truth)).values())
+        n_pred, n_true = n_pred + len(predicted), n_true + len(truth)
+        right_count += len(predicted) == len(truth)
+        for i, obj in enumerate(truth):
+            if i < len(predicted):
+                for attribute in ATTRIBUTES:
+                    correct[attribute] += getattr(predicted[i], attribute) == getattr(obj, attribute)
+    n = max(len(references), 1)
+    metrics = {"exact_match": exact / n,
+               "object_f1": 2 * true_positive / max(n_pred + n_true, 1)}
+    metrics.update({f"{a}_acc": correct[a] / max(n_true, 1) for a in ATTRIBUTES})
+    metrics["count_acc"] = right_count / n
+    metrics["unparsed"] = n_unparsed / max(n_phrases, 1)
+    return metrics
+
+
+def ngrams(words, n):
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu4(predictions, references_list):
+    """Corpus BLEU-4 (Papineni et al.): clipped n-gram precisions, geometric mean, brevity penalty."""
+    matches, totals = [0] * 4, [0] * 4
+    pred_len = ref_len = 0
+    for prediction, references in zip(predictions, references_list):
+        words = prediction.split()
+        refs = [r.split() for r in references]
+        pred_len += len(words)
+        ref_len += min((abs(len(r) - len(words)), len(r)) for r in refs)[1]
+        for n in range(1, 5):
+            counts = ngrams(words, n)
+            best = Counter()
+            for ref in refs:
+                best |= ngrams(ref, n)
+            matches[n - 1] += sum((counts & best).values())
+            totals[n - 1] += max(len(words) - n + 1, 0)
+    if min(matches) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matches, totals)) / 4
+    brevity = min(0.0, 1 - ref_len / max(pred_len, 1))
+    return math.exp(log_precision + brevity)
+
+
+def cider(predictions, references_list, sigma=6.0):
+    """CIDEr-D (Vedantam et al.): tf-idf n-gram cosine (n = 1..4) with a length penalty, x10."""
+    n_images = len(references_list)
+    frequency = Counter()
+    for refs in references_list:                                  # document frequency per image
+        seen = set()
+        for ref in refs:
+            for n in range(1, 5):
+                seen |= set(ngrams(ref.split(), n))
+        frequency.update(seen)
+
+    def vector(text, n):
+        counts = ngrams(text.split(), n)
+        return {g: c * math.log(max(1.0, n_images) / max(1.0, frequency[g])) for g, c in counts.items()}
+
+    total = 0.0
+    for prediction, references in zip(predictions, references_list):
+        score = 0.0
+        for n in range(1, 5):
+            vp = vector(prediction, n)
+            norm_p = math.sqrt(sum(v * v for v in vp.values()))
+            for ref in references:
+                vr = vector(ref, n)
+                norm_r = math.sqrt(sum(v * v for v in vr.values()))
+                dot = sum(min(vp[g], vr[g]) * vr[g] for g in vp if g in vr)
+                penalty = math.exp(-((len(prediction.split()) - len(ref.split())) ** 2) / (2 * sigma ** 2))
+                if norm_p and norm_r:
+                    score += penalty * dot / (norm_p * norm_r)
+        total += score / 4 / len(references) * 10
+    return total / max(len(predictions), 1)
+
+
+@torch.no_grad()
+def caption_images(model, tokenizer, images, device, max_new_tokens, batch=100, **sampling):
+    model.eval()
+    captions = []
+    for i in range(0, len(images), batch):
+        for ids in model.generate(images[i:i + batch].to(device), max_new_tokens=max_new_tokens, **sampling):
+            captions.append(decode(tokenizer, ids))
+    return captions
+
+
+def evaluate(model, tokenizer, images, references, max_new_tokens, shapes=True, device="cpu", **sampling):
+    """Caption the images greedily and score them; references: one caption (or a list) per image."""
+    predictions = caption_images(model, tokenizer, images, device, max_new_tokens, **sampling)
+    if shapes:
+        return shapes_metrics(predictions, references)
+    refs = [r if isinstance(r, list) else [r] for r in references]
+    return {"bleu4": bleu4(predictions, refs), "cider": cider(predictions, refs)}
+
+
+@torch.no_grad()
+def split_loss(model, data, images, captions, config, device, dtype, batch=64):
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(captions), batch):
+        input_ids, labels = caption_tokens(data, captions[i:i + batch], config)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            _, loss = model(images[i:i + batch].to(device), input_ids.to(device), labels.to(device))
+        n = int((labels[:, 1:] != -100).sum())
+        total, count = total + float(loss) * n, count + n
+    model.train()
+    return total / max(count, 1)
+
+
+def evaluate_run(model, data, config, split="test", device="cpu", dtype=torch.float32, **sampling):
+    """The metrics of a run, as train.py writes them to eval.json and eval.py reproduces them:
+    captions of `split` (n_test images, or n_val for val) scored, and val_loss on the val split.
+    Everything comes from the run's config: data, splits, seed, caption length."""
+    device = torch.device(device)
+    images, captions = data.split(split, config.n_val if split == "val" else config.n_test)
+    metrics = evaluate(model, data.tokenizer, images, captions, config.max_caption_tokens - 1,
+                       shapes=config.data == "shapes", device=device, **sampling)
+    metrics["val_loss"] = split_loss(model, data, *data.split("val", config.n_val), config, device, dtype)
+    return metrics
+
+
+def print_table(metrics, title):
+    print(f"| {title} | value |\n|---|---|")
+    for name, value in metrics.items():
+        print(f"| {name} | {value:.4f} |")

@@ -1,0 +1,104 @@
+"""The one command-line parser, the named configs and the import direction of the scripts."""
+
+import ast
+import os
+from dataclasses import dataclass, field
+
+import pytest
+
+from config import TrainConfig, named_config, parse_options
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENTRY_POINTS = {"train", "sample", "eval", "bench", "ablation"}
+
+
+@dataclass
+class Inner:
+    seed: int = 0
+    width: int = 8
+    pairs: object = "none"
+
+
+@dataclass
+class Outer:
+    inner: Inner = field(default_factory=Inner)
+    seed: int = 1
+    rate: float = 0.5
+    flag: bool = False
+    files: list = field(default_factory=list)
+
+
+def test_fields_by_dotted_path_or_a_tail_that_names_one_field():
+    config = Outer()
+    given = parse_options(config, ["--inner.width", "16", "--inner.seed", "3", "--rate=0.25"])
+    assert config.inner.width == 16 and config.inner.seed == 3 and config.rate == 0.25
+    assert given == {"inner.width": 16, "inner.seed": 3, "rate": 0.25}
+    parse_options(config, ["--width", "32"])                      # the only field named width
+    assert config.inner.width == 32
+
+
+def test_a_name_that_could_mean_two_fields_is_an_error():
+    with pytest.raises(ValueError, match="--seed could mean --inner.seed or --seed"):
+        parse_options(Outer(), ["--seed", "5"])
+
+
+def test_values_by_the_fields_type():
+    config = Outer()
+    parse_options(config, ["--flag", "--files", "a.png", "b.png", "--pairs", "[(1, 2), [3, 4]]"])
+    assert config.flag is True and config.files == ["a.png", "b.png"]
+    assert config.inner.pairs == [[1, 2], [3, 4]]                   # data, whatever the field's name
+    parse_options(config, ["--flag", "false", "--pairs", "uniform"])
+    assert config.flag is False and config.inner.pairs == "uniform"
+    with pytest.raises(ValueError, match="--flag takes true or false"):
+        parse_options(config, ["--flag=maybe"])
+    with pytest.raises(ValueError, match="--rate takes a number"):
+        parse_options(config, ["--rate", "fast"])
+    with pytest.raises(ValueError, match="unknown option --rte"):
+        parse_options(config, ["--rte", "1"])
+    with pytest.raises(ValueError, match="--pairs takes a name or a JSON list"):
+        parse_options(config, ["--pairs", "[(1, 2"])
+
+
+def test_train_options_reach_the_model_and_are_checked_in_the_config():
+    config = named_config("tiny")
+    parse_options(config, ["--fusion", "llava", "--vit.width", "64", "--shortcuts", "[[1, 0], [2, 3]]",
+                           "--model.llm.n_layer", "5"])
+    assert config.model.fusion == "llava" and config.model.vit.width == 64
+    assert config.model.shortcuts == [[1, 0], [2, 3]] and config.model.llm.n_layer == 5
+    config.check()
+    for argv, message in ((["--fusion", "late"], "fusion must be one of"),
+                          (["--shortcuts", "[[9, 0]]"], "ViT layer 9 is out of range"),
+                          (["--fusion", "deepstack", "--shortcuts", "dense"], "deepstack adds its own"),
+                          (["--max_caption_tokens", "1"], "at least 2"),
+                          (["--dtype", "half"], "--dtype takes")):
+        config = named_config("tiny")
+        parse_options(config, argv)
+        with pytest.raises(ValueError, match=message):
+            config.check()
+    with pytest.raises(ValueError, match="--width could mean --model.vit.width or --model.llm.width"):
+        parse_options(named_config("tiny"), ["--width", "64"])
+
+
+def test_saved_train_config_round_trips():
+    config = named_config("tiny")
+    parse_options(config, ["--fusion", "deepstack", "--deepstack_interval", "2", "--seed", "7"])
+    again = TrainConfig.from_dict(config.to_dict())
+    assert again == config
+
+
+def imports_of(path):
+    tree = ast.parse(open(path).read())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_imports_go_one_way_entry_points_to_library():
+    modules = [f[:-3] for f in os.listdir(ROOT) if f.endswith(".py")]
+    for module in modules:
+        imported = imports_of(os.path.join(ROOT, module + ".py")) & ENTRY_POINTS
+        assert not imported, f"{module}.py imports the entry point(s) {imported}"
