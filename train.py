@@ -32,7 +32,7 @@ import distributed
 from config import (CONFIGS, assign, load_run_config, lookup, named_config, parse_options, run_cli,
                     save_run_config)
 from data import caption_tokens, load_tokenizer, make_data
-from metrics import evaluate_run, print_table, split_loss
+from metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
 from weights import CheckpointError, checkpoint_dir
 
@@ -42,6 +42,8 @@ DOWNLOADS = {  # what the default backbone paths hold, by Hugging Face repositor
     "siglip-base-patch16-224": "google/siglip-base-patch16-224",
     "SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
 }
+VAL_CAPTIONS = 64                      # val images captioned at each eval_interval (Shapes)
+VAL_LOGGED = ("object_f1", "shape_acc", "color_acc", "size_acc", "texture_acc", "position_acc")
 
 
 def parse_args(argv):
@@ -245,7 +247,15 @@ def train(config):
         if (step + 1) % config.eval_interval == 0 or last:
             record = record or {"step": step + 1}
             record["val_loss"] = split_loss(model, data, val_images, val_captions, config, device, dtype)
-            say(f"step {step + 1:>5}  val_loss {record['val_loss']:.4f}", flush=True)
+            line = f"step {step + 1:>5}  val_loss {record['val_loss']:.4f}"
+            if config.data == "shapes":        # what is learned when: per-attribute accuracy
+                n = min(len(val_captions), VAL_CAPTIONS)
+                scores = evaluate(distributed.unwrap(model), data.tokenizer, val_images[:n],
+                                  val_captions[:n], config.max_caption_tokens - 1, device=device)
+                record.update({f"val_{k}": v for k, v in scores.items() if k in VAL_LOGGED})
+                line += "  " + "  ".join(f"{k.removesuffix('_acc')} {scores[k]:.2f}" for k in VAL_LOGGED)
+                model.train()
+            say(line, flush=True)
         if record is not None and context.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
