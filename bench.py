@@ -24,7 +24,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from config import check_device, parse_options, run_cli
+from config import check_device, check_writable, parse_options, run_cli
 from fusion import FUSIONS
 from llm import KVCache, LLMConfig
 from model import SparseCut, SparseCutConfig
@@ -394,6 +394,8 @@ def main(argv):
     if options.device not in ("cpu", "cuda"):
         raise ValueError(f"--device takes cpu or cuda, not {options.device!r}")
     check_device(options.device)
+    if options.json:
+        check_writable(options.json)
     paper = options.shape == "paper"                # seconds per step on a CPU: measure once
     repeats = options.repeats or (1 if paper else 5)
     decode_tokens = options.decode_tokens or (4 if paper else 32)

@@ -55,6 +55,7 @@ class TrainConfig:
     n_test: int = 500
     max_caption_tokens: int = 40      # BOS + caption + EOS; generation stops one short of it
     resume: bool = False
+    overwrite: bool = False           # a new run may replace the run already in out_dir
     config_name: str = "tiny"         # the named config this run started from
 
     def check(self):
@@ -64,8 +65,12 @@ class TrainConfig:
                      "checkpoint_interval", "n_test", "n_val"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"--{name} must be positive, not {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"--lr must be positive, not {self.lr}")
+        for name, ok, rule in (("lr", self.lr > 0, "positive"), ("grad_clip", self.grad_clip > 0, "positive"),
+                               ("weight_decay", self.weight_decay >= 0, ">= 0"),
+                               ("warmup_iters", self.warmup_iters >= 0, ">= 0"),
+                               ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")):
+            if not ok:                                            # (NaN fails every rule)
+                raise ValueError(f"--{name} must be {rule}, not {getattr(self, name)}")
         if self.max_caption_tokens < 2:
             raise ValueError(f"--max_caption_tokens must be at least 2 (BOS and EOS), not {self.max_caption_tokens}")
         for name, allowed in (("dtype", ("auto", "float32", "bfloat16")), ("compile", ("auto", "on", "off"))):
@@ -268,12 +273,23 @@ def load_run_config(checkpoint):
 
 # --- the error path ----------------------------------------------------------------------------
 
+def check_writable(path):
+    """Fail now, not after the work, when an output file cannot be written."""
+    existed = os.path.exists(path)
+    try:
+        open(path, "a").close()
+    except OSError as error:
+        raise OSError(f"cannot write {path} ({error.strerror}): choose another path") from None
+    if not existed:
+        os.remove(path)
+
+
 def run_cli(main_function, argv):
     """Bad input ends in one line on stderr and exit status 2, never a traceback."""
     from data import DataError
     try:
         main_function(argv)
-    except (ValueError, DataError, CheckpointError, FloatingPointError) as error:
+    except (ValueError, DataError, CheckpointError, FloatingPointError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -199,7 +200,13 @@ def tokenizer_for_captions(captions, min_count=1):
 
 def load_tokenizer(path):
     from tokenizers import Tokenizer
-    return Tokenizer.from_file(os.path.join(path, "tokenizer.json"))
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        raise DataError(f"{path} has no tokenizer.json: is it a SparseCut checkpoint (or an LLM directory)?")
+    try:
+        return Tokenizer.from_file(file)
+    except Exception as error:                    # the tokenizers package raises plain Exception
+        raise DataError(f"{file} is not a readable tokenizer ({error})") from None
 
 
 def encode(tokenizer, text, bos_id=1, eos_id=2):
@@ -256,7 +263,7 @@ def load_image(path, size=None):
             image = image.convert("RGB")
             if size is not None and image.size != (size, size):
                 image = image.resize((size, size), Image.BICUBIC)
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path} is not a readable image ({error.__class__.__name__}: {error})") from None
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
 
@@ -277,31 +284,59 @@ def read_caption_pairs(folder):
         raise DataError(f"{folder}: the caption files hold no captions")
     pairs = [(os.path.join(folder, image), caption) for image, caption in pairs]
     missing = [image for image, _ in pairs if not os.path.isfile(image)]
-    if missing:
-        raise DataError(f"{folder}: {len(missing)} captioned image(s) are missing, e.g. {missing[:3]}")
+    if len(missing) > tolerated_bad(len(pairs)):      # a few are skipped like unreadable ones
+        raise DataError(f"{folder}: {len(missing)} of {len(pairs)} captioned images are missing, "
+                        f"e.g. {missing[:3]}")
     return pairs
 
 
+def tolerated_bad(n_images):
+    """How many missing or unreadable images a folder may hold before the run stops: 1%."""
+    return n_images // 100
+
+
+def field(record, key, where):
+    """record[key], or a DataError that names the file, the record and the field."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataError(f"{where} has no field {key!r}")
+    return record[key]
+
+
 def parse_caption_file(path):
-    with open(path, encoding="utf-8") as f:
-        if path.endswith((".csv", ".tsv")):
-            rows = list(csv.reader(f, delimiter="\t" if path.endswith(".tsv") else ","))
-            if rows and [c.strip().lower() for c in rows[0][:2]] == ["image", "caption"]:
-                rows = rows[1:]
-            return [(row[0].strip(), row[1].strip()) for row in rows if len(row) >= 2]
-        if path.endswith(".jsonl"):
-            return [(r["image"], r["caption"]) for r in map(json.loads, filter(str.strip, f))]
-        data = json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if path.endswith((".csv", ".tsv")):
+                rows = list(csv.reader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+                if rows and [c.strip().lower() for c in rows[0][:2]] == ["image", "caption"]:
+                    rows = rows[1:]
+                return [(row[0].strip(), row[1].strip()) for row in rows if len(row) >= 2]
+            if path.endswith(".jsonl"):
+                records = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
+                return [(field(r, "image", f"{path} line {n}"), field(r, "caption", f"{path} line {n}"))
+                        for n, r in records]
+            data = json.load(f)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path} is not valid JSON ({error})") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path} is not UTF-8 text ({error})") from None
     if isinstance(data, dict) and "annotations" in data:          # COCO captions
-        files = {image["id"]: image["file_name"] for image in data["images"]}
-        return [(files[a["image_id"]], a["caption"].strip()) for a in data["annotations"]]
+        files = {field(image, "id", f"{path} images[{i}]"): field(image, "file_name", f"{path} images[{i}]")
+                 for i, image in enumerate(field(data, "images", path))}
+        pairs = []
+        for i, a in enumerate(data["annotations"]):
+            where = f"{path} annotations[{i}]"
+            image_id = field(a, "image_id", where)
+            if image_id not in files:
+                raise DataError(f"{where}: image_id {image_id} is not in the file's images")
+            pairs.append((files[image_id], str(field(a, "caption", where)).strip()))
+        return pairs
     if isinstance(data, list):                                    # LLaVA conversations
         pairs = []
-        for record in data:
-            if "image" not in record:
+        for i, record in enumerate(data):
+            if not isinstance(record, dict) or "image" not in record:
                 continue
-            answers = [turn["value"] for turn in record.get("conversations", [])
-                       if turn.get("from") in ("gpt", "assistant")]
+            answers = [field(turn, "value", f"{path} [{i}] conversations") for turn in
+                       field(record, "conversations", f"{path} [{i}]") if turn.get("from") in ("gpt", "assistant")]
             if answers:
                 pairs.append((record["image"], answers[0].strip()))
         return pairs
@@ -336,7 +371,9 @@ class ShapesData:
 
 
 class FolderData:
-    """A folder of captioned images: 90/5/5 train/val/test split, shuffled each epoch by seed."""
+    """A folder of captioned images: 90/5/5 train/val/test split, shuffled each epoch by seed.
+    An unreadable image is skipped (one warning line naming it; the next image takes its place);
+    more than `tolerated_bad` of them stop the run."""
 
     def __init__(self, config, tokenizer=None):
         self.config = config
@@ -348,19 +385,41 @@ class FolderData:
                        "train": pairs[2 * n_held:] or pairs}
         self.tokenizer = tokenizer or tokenizer_for_captions([c for _, c in self.splits["train"]])
         self.size = 2 * config.model.vit.image_size
+        self.n_images, self.skipped = len(pairs), {}            # path -> why
 
-    def load(self, pairs):
-        return torch.stack([load_image(p, self.size) for p, _ in pairs]), [c for _, c in pairs]
+    def load(self, pairs, n):
+        """The first n readable images of pairs (an iterable), and their captions."""
+        images, captions = [], []
+        for path, caption in pairs:
+            if len(images) == n:
+                break
+            try:
+                images.append(load_image(path, self.size))
+                captions.append(caption)
+            except DataError as error:
+                self.skip(path, error)
+        if not images:
+            raise DataError(f"{self.config.data}: no readable image to load")
+        return torch.stack(images), captions
+
+    def skip(self, path, error):
+        if path in self.skipped:
+            return
+        self.skipped[path] = str(error)
+        print(f"warning: skipped {error}", file=sys.stderr, flush=True)
+        if len(self.skipped) > tolerated_bad(self.n_images):
+            raise DataError(f"{self.config.data}: {len(self.skipped)} of {self.n_images} images "
+                            "are unreadable (listed above): fix or remove them")
 
     def batch(self, step, part=0, parts=1):
         """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step."""
         train, bs = self.splits["train"], self.config.batch_size
         epoch, offset = divmod((step * parts + part) * bs, len(train))
         order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.config.seed + epoch))
-        return self.load([train[order[(offset + k) % len(train)]] for k in range(bs)])
+        return self.load((train[order[(offset + k) % len(train)]] for k in range(len(train))), bs)
 
     def split(self, name, n):
-        return self.load(self.splits[name][:n])
+        return self.load(self.splits[name], n)
 
 
 def make_data(config, tokenizer=None):

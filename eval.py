@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from config import check_device, load_run_config, parse_options, run_cli
+from config import check_device, check_writable, load_run_config, parse_options, run_cli
 from data import load_tokenizer, make_data
 from metrics import evaluate_run, print_table
 from model import SparseCut
@@ -45,11 +45,12 @@ def main(argv):
     config.model = model.config
     if options.n:
         setattr(config, "n_val" if options.split == "val" else "n_test", options.n)
+    run_dir = os.path.dirname(path) if os.path.basename(path) == "checkpoint" else path
+    out = os.path.join(run_dir, f"eval_{options.split}.json")
+    check_writable(out)
     data = make_data(config, load_tokenizer(path))
     metrics = evaluate_run(model, data, config, options.split, options.device)
     print_table(metrics, f"{options.split} ({config.n_val if options.split == 'val' else config.n_test} images)")
-    run_dir = os.path.dirname(path) if os.path.basename(path) == "checkpoint" else path
-    out = os.path.join(run_dir, f"eval_{options.split}.json")
     with open(out, "w") as f:
         json.dump(metrics, f, indent=2)
     print(f"wrote {out}")

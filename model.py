@@ -64,6 +64,15 @@ class SparseCutConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, "
                                  f"not {getattr(self, name)!r}")
+        v, l = self.vit, self.llm
+        for whole, part, names in ((v.width, v.n_head, "vit.width / vit.n_head"),
+                                   (v.image_size, v.patch_size, "vit.image_size / vit.patch_size"),
+                                   (l.n_head if l.head_dim else l.width, l.n_head, "llm.width / llm.n_head"),
+                                   (l.n_head, l.n_kv_head, "llm.n_head / llm.n_kv_head")):
+            if part <= 0 or whole % part:
+                raise ValueError(f"{names} must be a whole number, not {whole} / {part}")
+        if min(v.n_layer, l.n_layer) < 1:
+            raise ValueError("vit.n_layer and llm.n_layer must be at least 1")
         FUSIONS[self.fusion].make_plan(self)
 
     def to_dict(self):
@@ -80,7 +89,7 @@ class SparseCutConfig:
         d["config_version"] = CONFIG_VERSION
         d["vit"] = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
                                 for k, v in d.get("vit", {}).items()})
-        d["llm"] = LLMConfig(**d.get("llm", {}))
+        d["llm"] = LLMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("llm", {}).items()})
         return cls(**d)
 
     @property

@@ -63,9 +63,14 @@ def shortcut_plan(pattern, vit_layers, llm_layers, n_shortcuts=8):
 
 def check_plan(plan, vit_layers, llm_layers):
     """Validate explicit pairs; an index out of range names itself and the valid range."""
+    if not isinstance(plan, (list, tuple)):
+        raise ValueError(f"shortcuts must be a pattern name or a list of (vit_layer, llm_layer) pairs, not {plan!r}")
     pairs = []
     for pair in plan:
-        vit_layer, llm_layer = (int(i) for i in pair)
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(i, int) for i in pair)):
+            raise ValueError(f"shortcut {pair!r} is not a (vit_layer, llm_layer) pair of integers; "
+                             "give a list of pairs such as [[1, 0], [3, 2]]")
+        vit_layer, llm_layer = pair
         if not 0 <= vit_layer <= vit_layers:
             raise ValueError(f"shortcut ({vit_layer}, {llm_layer}): ViT layer {vit_layer} is out "
                              f"of range; valid ViT layers are 0..{vit_layers}")

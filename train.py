@@ -34,7 +34,7 @@ from config import (CONFIGS, assign, load_run_config, lookup, named_config, pars
 from data import caption_tokens, load_tokenizer, make_data
 from metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
-from weights import CheckpointError, checkpoint_dir
+from weights import CheckpointError, checkpoint_dir, recover
 
 DOWNLOADS = {  # what the default backbone paths hold, by Hugging Face repository
     "clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
@@ -67,11 +67,9 @@ def parse_args(argv):
 
 def resumed_config(config, given, name):
     """The saved config of the run in config.out_dir with the given train options applied."""
-    path = os.path.join(config.out_dir, "checkpoint")
-    if not os.path.isfile(os.path.join(path, "train_state.pt")):
-        raise CheckpointError(f"--resume: no training checkpoint in {path}; "
-                              "run without --resume to start a new run")
-    saved = load_run_config(path)
+    check_out_dir(config)
+    saved = load_run_config(os.path.join(config.out_dir, "checkpoint"))
+    saved.out_dir = config.out_dir                      # where the run is now
     if name is not None and name != saved.config_name:
         raise ValueError(f"--resume: the run in {config.out_dir} was started with --config "
                          f"{saved.config_name}, not {name}")
@@ -168,7 +166,53 @@ def build_model(config, device, ckpt_path):
     return SparseCut(m).to(device)
 
 
+def check_out_dir(config):
+    """A new run never replaces another: an out_dir that holds a checkpoint needs --resume or
+    --overwrite. A checkpoint whose last swap a crash interrupted is recovered first."""
+    if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+        raise ValueError(f"--out_dir {config.out_dir} is a file, not a directory")
+    path = os.path.join(config.out_dir, "checkpoint")
+    recover(path)
+    if config.resume and not os.path.isfile(os.path.join(path, "train_state.pt")):
+        raise CheckpointError(f"--resume: no training checkpoint in {path}; "
+                              "run without --resume to start a new run")
+    if not config.resume and os.path.exists(path) and not config.overwrite:
+        raise ValueError(f"{config.out_dir} already holds a run (checkpoint/): continue it with "
+                         "--resume, choose another --out_dir, or replace it with --overwrite true")
+
+
+def load_train_state(path):
+    """Optimizer state, step and RNG (torch.load of tensors and plain containers only)."""
+    try:
+        state = torch.load(path, weights_only=True)
+        return {key: state[key] for key in ("step", "optimizer", "rng")}
+    except Exception as error:                # truncated or foreign: torch raises several kinds
+        raise CheckpointError(f"{path} is not a readable training state ({error.__class__.__name__}: "
+                              f"{str(error).splitlines()[0][:200]}); resume from an intact checkpoint "
+                              "or start a new run") from None
+
+
+def start_log(metrics_path, resume, start_step):
+    """Resuming: keep the records up to the checkpoint's step (later ones the crash lost). A new
+    run: an earlier log is kept as metrics.jsonl.N, never truncated."""
+    os.makedirs(os.path.dirname(metrics_path) or ".", exist_ok=True)
+    if not os.path.exists(metrics_path):
+        return
+    if resume:
+        with open(metrics_path) as f:
+            keep = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(metrics_path + ".tmp", metrics_path)
+        return
+    n = 1
+    while os.path.exists(f"{metrics_path}.{n}"):
+        n += 1
+    os.rename(metrics_path, f"{metrics_path}.{n}")
+
+
 def train(config):
+    check_out_dir(config)
     check_backbone_paths(config.model)
     context = distributed.setup(config.device)
     device = context.device
@@ -187,17 +231,12 @@ def train(config):
     optimizer = make_optimizer(model, config, device)
     start_step = 0
     if config.resume:
-        state = torch.load(os.path.join(ckpt_path, "train_state.pt"), weights_only=True)
+        state = load_train_state(os.path.join(ckpt_path, "train_state.pt"))
         start_step = state["step"]
         torch.set_rng_state(state["rng"])
         distributed.load_optimizer(model, optimizer, state["optimizer"], config.fsdp)
     if context.main:
-        os.makedirs(config.out_dir, exist_ok=True)
-        keep = []
-        if config.resume and os.path.exists(metrics_path):      # drop steps the crash lost
-            keep = [line for line in open(metrics_path) if json.loads(line)["step"] <= start_step]
-        with open(metrics_path, "w") as f:
-            f.writelines(keep)
+        start_log(metrics_path, config.resume, start_step)
     if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
         model = torch.compile(model)
     val_images, val_captions = data.split("val", config.n_val)
@@ -282,6 +321,8 @@ def main(argv):
         json.dump(metrics, f, indent=2)
     print(f"wrote {config.out_dir}/eval.json; caption an image with: python sample.py --image "
           f"IMAGE --checkpoint {config.out_dir}")
+    if getattr(data, "skipped", None):
+        print(f"skipped {len(data.skipped)} unreadable image(s) of {data.n_images} (warnings above)")
     context.close()
 
 

@@ -86,7 +86,7 @@ def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, de
     tied = getattr(config, "tie_embeddings", False) or getattr(getattr(config, "llm", None),
                                                                 "tie_embeddings", False)
     tied_head = [name for name in expected if name.endswith("lm_head.weight")] if tied else []
-    loaded, unexpected, mis_shaped = set(), [], []
+    loaded, unexpected, mis_shaped, non_finite = set(), [], [], []
     for file in safetensors_files(path):
         try:
             with safe_open(file, framework="pt", device="cpu") as f:
@@ -100,12 +100,20 @@ def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, de
                     shape = tuple(f.get_slice(key).get_shape())
                     if shape != tuple(expected[name]):
                         mis_shaped.append(f"{key} {shape} (model: {tuple(expected[name])})")
+                        loaded.add(name)                         # reported as mis-shaped only
                         continue
-                    set_tensor(model, name, f.get_tensor(key).to(device=device, dtype=dtype))
+                    tensor = f.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):  # no copy
+                        non_finite.append(key)
+                        continue
+                    set_tensor(model, name, tensor.to(device=device, dtype=dtype))
                     loaded.add(name)
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{file} is not a readable safetensors file ({error}); "
                                   "it may be truncated: download or save it again") from None
+    if non_finite:
+        raise CheckpointError(f"{path}: tensors with NaN or infinite values: {non_finite}; the run "
+                              "that wrote them diverged: use an earlier checkpoint")
     absent = tuple(p for p in optional_prefixes if not any(n.startswith(p) for n in loaded))
     missing = sorted(n for n in set(expected) - loaded - set(tied_head) if not n.startswith(absent))
     if missing or unexpected or mis_shaped:
@@ -120,33 +128,63 @@ def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, de
     return model.eval()
 
 
+COMPLETE = ".complete"             # written last into a new checkpoint, before it is swapped in
+
+
 @contextmanager
 def atomic_directory(out_dir):
     """Yield a temporary directory beside out_dir; on success it replaces out_dir by renames.
 
-    A crash while writing leaves out_dir untouched (the temporary directory is removed or left
-    behind, never half-swapped in)."""
+    At every instant a whole checkpoint can be found: while the new one is written, out_dir is
+    untouched; between the two renames (out_dir -> out_dir.old-*, then out_dir.tmp-* -> out_dir),
+    the new one is complete (it holds COMPLETE) and `recover` puts it in place. Leftovers of an
+    earlier crash are removed before the next write."""
     out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
+    parent, name = os.path.split(out_dir)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    recover(out_dir)
+    tmp = tempfile.mkdtemp(prefix=name + ".tmp-", dir=parent)
     try:
         yield tmp
+        open(os.path.join(tmp, COMPLETE), "w").close()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
     if os.path.exists(out_dir):
-        old = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".old-", dir=parent)
-        os.rename(out_dir, os.path.join(old, "previous"))
+        old = tempfile.mkdtemp(prefix=name + ".old-", dir=parent)   # renamed over, being empty
+        os.rename(out_dir, old)
     os.rename(tmp, out_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def recover(out_dir):
+    """Finish a swap that a crash interrupted and remove its leftovers. Without out_dir, the new
+    checkpoint (a tmp that is complete) is put in place, else the previous one (an old: it was
+    whole when it was moved aside)."""
+    parent, name = os.path.split(os.path.abspath(out_dir))
+    if not os.path.isdir(parent):
+        return
+    leftover = lambda kind: sorted(os.path.join(parent, f) for f in os.listdir(parent)
+                                   if f.startswith(f"{name}.{kind}-"))
+    leftovers = leftover("tmp") + leftover("old")
+    if not os.path.exists(out_dir):
+        new = [d for d in leftover("tmp") if os.path.isfile(os.path.join(d, COMPLETE))]
+        old = [d for d in leftover("old") if os.listdir(d)]
+        if new or old:
+            os.rename((new or old)[0], out_dir)
+    for directory in leftovers:
+        if os.path.exists(directory):
+            shutil.rmtree(directory, ignore_errors=True)
+
+
 def checkpoint_dir(path):
-    """A checkpoint directory, or a training out_dir holding one in checkpoint/."""
+    """A checkpoint directory, or a training out_dir holding one in checkpoint/ (recovered if a
+    crash interrupted its last swap)."""
     nested = os.path.join(path, "checkpoint")
-    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(nested):
-        return nested
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        recover(nested)
+        if os.path.isdir(nested):
+            return nested
     return path

@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
 
 
 def test_train_writes_checkpoint_metrics_and_eval(trained):
-    assert sorted(os.listdir(trained / "checkpoint")) == ["config.json", "model.safetensors",
+    assert sorted(os.listdir(trained / "checkpoint")) == [".complete", "config.json", "model.safetensors",
                                                           "tokenizer.json", "train_config.json",
                                                           "train_state.pt"]
     records = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
