@@ -16,6 +16,7 @@ row of the batch.
 """
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,8 +38,10 @@ class LLMConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     qkv_bias: bool = False        # Qwen2: True
+    qk_norm: bool = False         # Qwen3: RMSNorm of each query and key head before RoPE
     tie_embeddings: bool = True
     head_dim: int = 0             # 0: width // n_head
+    rope_llama3: tuple = ()       # Llama 3.x: (factor, low_freq_factor, high_freq_factor, original context)
 
     @property
     def dim_per_head(self):
@@ -58,13 +61,22 @@ class RMSNorm(nn.Module):
 
 
 @functools.lru_cache(maxsize=8)
-def inverse_frequencies(head_dim, theta, device):
-    return 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+def inverse_frequencies(head_dim, theta, device, llama3=()):
+    """theta^(-2i/d); with Llama 3's scaling, long wavelengths (beyond the original context / low
+    factor) are slowed by `factor`, short ones (below it / high factor) kept, the band between
+    interpolated (as transformers' `_compute_llama3_parameters`)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device).float() / head_dim)
+    if not llama3:
+        return inv_freq
+    factor, low, high, context = llama3
+    wavelength = 2 * math.pi / inv_freq
+    smooth = ((context / wavelength - low) / (high - low)).clamp(0, 1)   # 0: slowed, 1: kept
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_cos_sin(position_ids, head_dim, theta, dtype):
+def rope_cos_sin(position_ids, head_dim, theta, dtype, llama3=()):
     """Rotary tables for integer positions (B, T) -> cos, sin of shape (B, 1, T, head_dim)."""
-    inv_freq = inverse_frequencies(head_dim, theta, position_ids.device)
+    inv_freq = inverse_frequencies(head_dim, theta, position_ids.device, llama3)
     freqs = position_ids.float()[..., None] * inv_freq           # (B, T, head_dim/2)
     angles = torch.cat([freqs, freqs], dim=-1)                   # (B, T, head_dim)
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
@@ -107,6 +119,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, config.n_kv_head * hd, bias=config.qkv_bias)
         self.v_proj = nn.Linear(D, config.n_kv_head * hd, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * hd, D, bias=False)
+        if config.qk_norm:                                        # Qwen3
+            self.q_norm, self.k_norm = RMSNorm(hd, config.norm_eps), RMSNorm(hd, config.norm_eps)
 
     def heads(self, x, n):
         B, T, _ = x.shape
@@ -116,10 +130,15 @@ class Attention(nn.Module):
         B, n, T, hd = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, n * hd))        # (B, T, D)
 
+    def queries(self, x, cos, sin):
+        q = self.heads(self.q_proj(x), self.config.n_head)                 # (B, H, T, hd)
+        return apply_rope(self.q_norm(q) if self.config.qk_norm else q, cos, sin)
+
     def keys_values(self, x, cos, sin, cache):
         """Keys (rotated) and values of all rows of x, appended to the cache when there is one."""
         c = self.config
-        k = apply_rope(self.heads(self.k_proj(x), c.n_kv_head), cos, sin)  # (B, n_kv, T, hd)
+        k = self.heads(self.k_proj(x), c.n_kv_head)                        # (B, n_kv, T, hd)
+        k = apply_rope(self.k_norm(k) if c.qk_norm else k, cos, sin)
         v = self.heads(self.v_proj(x), c.n_kv_head)
         if cache is not None:
             k, v = cache.update(self.layer_index, k, v)                     # (B, n_kv, T_k, hd)
@@ -127,7 +146,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         """Causal attention for every row. mask: None (plain causal), or bool (B|1, 1, T, T_k)."""
-        q = apply_rope(self.heads(self.q_proj(x), self.config.n_head), cos, sin)  # (B, H, T, hd)
+        q = self.queries(x, cos, sin)                                       # (B, H, T, hd)
         k, v = self.keys_values(x, cos, sin, cache)
         square = k.shape[2] == q.shape[2]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True,
@@ -143,7 +162,7 @@ class Attention(nn.Module):
         text = lambda t: torch.cat([t[:, :, :s], t[:, :, e:]], dim=2)      # drop the image rows
         k, v = self.keys_values(x, cos, sin, cache)                         # all rows: (B, n_kv, T_k, hd)
         x_text = torch.cat([x[:, :s], x[:, e:]], dim=1)                     # (B, T_text, D)
-        q = apply_rope(self.heads(self.q_proj(x_text), self.config.n_head), text(cos), text(sin))
+        q = self.queries(x_text, text(cos), text(sin))
         y_text = self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=text(mask),
                                                            enable_gqa=True))  # (B, T_text, D)
         # Aligner: a visual token attending to itself alone returns its own value, W_o W_v norm(h_v).
@@ -244,7 +263,8 @@ class LLM(nn.Module):
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
-        cos, sin = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, h.dtype)
+        c = self.config
+        cos, sin = rope_cos_sin(position_ids, c.dim_per_head, c.rope_theta, h.dtype, c.rope_llama3)
         mask = build_mask(T, start, attention_mask, h.device)
         composite_span = image_span if attention == "composite" else None
         if composite_span is not None:
@@ -275,18 +295,28 @@ class LLM(nn.Module):
         return load_weights(cls, config, path, hf_llm_key, dtype=dtype, device=device)
 
 
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # Llama 2/3.x, Vicuna, SmolLM2, Qwen2/2.5, Qwen3
+MISSING = {"gemma": "Gemma's (1 + weight) RMSNorm, scaled embeddings and GeGLU MLP",
+           "phi3": "Phi-3's fused qkv_proj and gate_up_proj", "phi": "Phi's LayerNorm and parallel blocks"}
+
+
 def llm_config_from_hf(hf, path):
-    """Translate a Hugging Face Llama/Qwen2 config.json to an LLMConfig."""
+    """Translate a Hugging Face Llama / Mistral / Qwen2 / Qwen3 config.json to an LLMConfig."""
     model_type = hf.get("model_type")
-    if model_type not in ("llama", "qwen2", "mistral"):
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a Llama or Qwen2 causal LM")
+    if model_type not in FAMILIES:
+        missing = next((f": {v} is not implemented" for k, v in MISSING.items()
+                        if str(model_type).startswith(k)), "")
+        raise CheckpointError(f"{path}: model_type {model_type!r} is not a supported causal LM "
+                              f"({', '.join(FAMILIES)}){missing}")
     rope = hf.get("rope_parameters") or {}                      # transformers 5; older: top level
-    scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-    if scaling:
-        raise CheckpointError(f"{path}: rope scaling {scaling} is not supported; "
-                         "use a checkpoint with plain rotary embeddings")
+    scaling = hf.get("rope_scaling") or rope
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise CheckpointError(f"{path}: rope scaling {rope_type!r} is not supported (only Llama 3's)")
+    llama3 = () if rope_type == "default" else tuple(float(scaling[k]) for k in (
+        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
     if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise CheckpointError(f"{path}: Llama attention_bias/mlp_bias checkpoints are not supported")
+        raise CheckpointError(f"{path}: attention_bias/mlp_bias checkpoints are not supported")
     if hf.get("hidden_act", "silu") != "silu":
         raise CheckpointError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
     n_head = hf["num_attention_heads"]
@@ -295,10 +325,9 @@ def llm_config_from_hf(hf, path):
         vocab_size=hf["vocab_size"], width=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
         n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
         mlp_dim=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        qkv_bias=model_type == "qwen2",
+        norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
         tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
-        head_dim=head_dim if head_dim != hf["hidden_size"] // n_head else 0)
+        head_dim=head_dim if head_dim != hf["hidden_size"] // n_head else 0, rope_llama3=llama3)
 
 
 def hf_llm_key(name):

@@ -1,13 +1,16 @@
 """Parity against Hugging Face `transformers` (the oracle) on tiny random checkpoints it writes."""
 
+import dataclasses
+import json
 import os
+import re
 
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers (test-only oracle) is not installed")
 
-from llm import LLM  # noqa: E402
+from llm import LLM, KVCache  # noqa: E402
 from model import sample_next  # noqa: E402
 from vit import ViT  # noqa: E402
 from weights import CheckpointError  # noqa: E402
@@ -73,6 +76,30 @@ def qwen2():
         max_position_embeddings=256))
 
 
+def llama3():
+    """Llama 3.x rope scaling with a short original context (16), so the test runs past it."""
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+        max_position_embeddings=256, rope_parameters={
+            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}))
+
+
+def qwen3():
+    """Qwen3: q/k RMSNorm per head before RoPE, head_dim (24) independent of the width (64)."""
+    return transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, tie_word_embeddings=False,
+        max_position_embeddings=256))
+
+
+def mistral():
+    return transformers.MistralForCausalLM(transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256, sliding_window=None))
+
+
 def randomise(model, std=0.2):
     """Spread the weights (and Qwen2's biases) so that greedy decoding has no near-ties."""
     with torch.no_grad():
@@ -81,10 +108,14 @@ def randomise(model, std=0.2):
     return model
 
 
-@pytest.mark.parametrize("build,dtype,shard", [(llama, torch.float32, "60KB"),
-                                               (qwen2, torch.bfloat16, "5GB")],
-                         ids=["llama-gqa-untied-sharded", "qwen2-tied-bias-bf16"])
-def test_llm_logits_and_greedy_tokens_match(build, dtype, shard, tmp_path):
+@pytest.mark.parametrize("build,dtype,shard,length", [(llama, torch.float32, "60KB", 11),
+                                                      (qwen2, torch.bfloat16, "5GB", 11),
+                                                      (llama3, torch.float32, "5GB", 40),
+                                                      (qwen3, torch.float32, "5GB", 11),
+                                                      (mistral, torch.float32, "5GB", 11)],
+                         ids=["llama-gqa-untied-sharded", "qwen2-tied-bias-bf16",
+                              "llama3-rope-scaled-past-its-context", "qwen3-qk-norm-head-dim", "mistral"])
+def test_llm_logits_and_greedy_tokens_match(build, dtype, shard, length, tmp_path):
     torch.manual_seed(0)
     hf = randomise(build()).to(dtype).eval()
     hf.save_pretrained(tmp_path, max_shard_size=shard)
@@ -92,19 +123,39 @@ def test_llm_logits_and_greedy_tokens_match(build, dtype, shard, tmp_path):
         assert (tmp_path / "model.safetensors.index.json").exists()
     hf = hf.float()                                              # the oracle runs in float32
     ours = LLM.from_pretrained(str(tmp_path))
-    assert ours.config.tie_embeddings == (build is qwen2)
-    assert ours.config.qkv_bias == (build is qwen2)
-    ids = torch.randint(0, 128, (2, 11))
+    assert ours.config.tie_embeddings == hf.config.tie_word_embeddings
+    assert ours.config.qkv_bias == (build is qwen2) and ours.config.qk_norm == (build is qwen3)
+    assert bool(ours.config.rope_llama3) == (build is llama3)
+    ids = torch.randint(0, 128, (2, length))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids), hf(ids).logits, rtol=1e-4, atol=1e-4)
         expected = hf.generate(ids[:1], max_new_tokens=20, do_sample=False, min_new_tokens=20,
-                               pad_token_id=0, eos_token_id=None)[0, 11:].tolist()
+                               pad_token_id=0, eos_token_id=None)[0, length:].tolist()
+        cache = KVCache(ours.config, 1, length + 20, "cpu", torch.float32)
+        logits = ours(ids[:1], kv_cache=cache)[:, -1]
         got, seq = [], ids[:1]
-        for _ in range(20):                                       # our greedy loop, no cache
+        for _ in range(20):                                       # our greedy loop, with and without the cache
             token = int(sample_next(ours(seq)[:, -1]))
+            assert int(sample_next(logits)) == token
             got.append(token)
             seq = torch.cat([seq, torch.tensor([[token]])], dim=1)
+            logits = ours(torch.tensor([[token]]), kv_cache=cache)[:, -1]
     assert got == expected
+    if build is llama3:                                           # the scaling matters here
+        plain = LLM(dataclasses.replace(ours.config, rope_llama3=()))
+        plain.load_state_dict(ours.state_dict())
+        assert not torch.allclose(plain(ids), ours(ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("model_type,missing", [("gemma2", "Gemma's (1 + weight) RMSNorm"),
+                                                ("phi3", "Phi-3's fused qkv_proj")])
+def test_unsupported_families_say_what_is_missing(model_type, missing, tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type}))
+    with pytest.raises(CheckpointError, match=re.escape(f"model_type '{model_type}' is not a supported causal LM (llama, mistral, qwen2, qwen3): {missing}")):
+        LLM.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "rope_scaling": {"rope_type": "yarn"}}))
+    with pytest.raises(CheckpointError, match="rope scaling 'yarn' is not supported"):
+        LLM.from_pretrained(str(tmp_path))
 
 
 def test_mismatched_checkpoint_lists_the_problems(tmp_path):
@@ -128,7 +179,7 @@ def test_wrong_kind_of_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="not a CLIP or SigLIP vision model"):
         ViT.from_pretrained(str(tmp_path / "llama"))
     clip_vision().save_pretrained(tmp_path / "clip")
-    with pytest.raises(CheckpointError, match="not a Llama or Qwen2 causal LM"):
+    with pytest.raises(CheckpointError, match="model_type 'clip_vision_model' is not a supported causal LM"):
         LLM.from_pretrained(str(tmp_path / "clip"))
 
 
@@ -202,6 +253,8 @@ def test_loading_peaks_near_one_copy_of_the_weights(dtype, tmp_path):
     with torch.device("meta"):
         hf = transformers.LlamaForCausalLM(config)
     hf = hf.to_empty(device="cpu")
+    for p in hf.parameters():                                     # finite: NaN weights are refused
+        p.data.zero_()
     hf.save_pretrained(tmp_path)
     n_bytes = sum(p.numel() for p in hf.parameters()) * (4 if dtype == "float32" else 2)
     largest_in_file = max(p.numel() for p in hf.parameters()) * 4
