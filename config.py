@@ -46,6 +46,7 @@ class TrainConfig:
     compile: str = "auto"             # auto (on CUDA) | on | off
     freeze: str = ""                  # comma list of vit, fusion, llm (paper stage 1: vit,llm)
     init_from: str = ""               # start from this checkpoint's weights (paper stage 2)
+    num_workers: int = 0              # data worker processes (decoding, resizing, tokenising)
     fsdp: bool = False                # under torchrun: FSDP2 instead of DDP
     activation_checkpointing: bool = False   # recompute LLM blocks in the backward pass
     log_interval: int = 20
@@ -61,6 +62,8 @@ class TrainConfig:
     def check(self):
         """Ranges and choices, checked once after every edit (the model's own, too)."""
         self.model.check()
+        if self.num_workers < 0:
+            raise ValueError(f"--num_workers must be >= 0, not {self.num_workers}")
         for name in ("max_iters", "batch_size", "grad_accum", "log_interval", "eval_interval",
                      "checkpoint_interval", "n_test", "n_val"):
             if getattr(self, name) <= 0:

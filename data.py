@@ -1,178 +1,22 @@
-"""Data: the Shapes captioning set, real caption formats, the tokenizer, batching.
-
-Shapes (DESIGN.md section 6) is generated from a seed, no download. The geometry is chosen so
-that the set probes what multi-grained fusion adds:
-- the canvas is the high-resolution view (2R = 96 px); the low-resolution view is 48 px;
-- a 3x3 grid of 32 px cells; a large object fills 94% of a cell, a small one 56% (18 px at 2R,
-  9 px at R: more than an 8 px patch at either view), so shape, colour, size and position are
-  plain at R;
-- textures are zero-mean modulations of the object's colour (stripes: one orientation; dots: a
-  2-D grid) with a 4 px period at 2R (2 px, the Nyquist limit, at R), so the low-res view's
-  anti-aliased downsampling averages them back to the plain colour while the high-res crops show
-  them. The period divides the patch size (8) and the crop offset (48), so every patch sees the
-  texture at the same phase and a linear patch embedding can detect it. (With a 3 px period the
-  phase changed from patch to patch, and a tiny model had learned no texture at all after
-  8 CPU-minutes while every other attribute was at 99%.)
-Shapes are drawn with PIL at 4x and box-filtered down (anti-aliasing); textures are sampled at
-4x and averaged the same way.
+"""Data: real caption formats, image loading, the tokenizer, batching, and the two sources
+(Shapes, from shapes.py, or a folder of captioned images) with a loader that prepares each
+step's batches in worker processes.
 """
 
 import csv
-import functools
 import json
 import os
-import random
 import re
 import sys
-from dataclasses import dataclass
+from contextlib import contextmanager
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-SHAPES = ("circle", "square", "triangle", "star")
-COLORS = {"red": (195, 60, 60), "green": (60, 170, 60), "blue": (60, 90, 195),
-          "yellow": (195, 185, 60), "purple": (150, 60, 180), "white": (195, 195, 195)}
-SIZES = {"small": 0.56, "large": 0.94}                          # fraction of a cell
-TEXTURES = ("plain", "striped", "dotted")
-POSITIONS = ("top left", "top", "top right", "left", "center", "right",
-             "bottom left", "bottom", "bottom right")          # row-major = reading order
-CANVAS, GRID, SUPERSAMPLE = 96, 3, 4
-TEXTURE_PERIOD, TEXTURE_AMPLITUDE = 4.0, 60.0       # px at 2R, grey levels
-BACKGROUND = (20, 20, 20)
-SPLIT_SEEDS = {"train": 1_000_003, "val": 2_000_003, "test": 3_000_017}
+from shapes import shapes_split, shapes_vocabulary
+
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]           # ids 0, 1, 2, 3
-
-
-@dataclass(frozen=True)
-class ShapeObject:
-    shape: str
-    color: str
-    size: str
-    texture: str
-    position: str
-
-    def phrase(self):
-        texture = "" if self.texture == "plain" else f" {self.texture}"
-        return f"a {self.size} {self.color}{texture} {self.shape} at the {self.position}"
-
-
-def caption_of(objects):
-    """Objects in reading order (top to bottom, left to right), joined by 'and'."""
-    ordered = sorted(objects, key=lambda o: POSITIONS.index(o.position))
-    return " and ".join(o.phrase() for o in ordered)
-
-
-PHRASE = re.compile(r"^a (small|large) ({colors})(?: (striped|dotted))? ({shapes}) at the ({positions})$".format(
-    colors="|".join(COLORS), shapes="|".join(SHAPES), positions="|".join(POSITIONS)))
-
-
-def parse_caption(caption):
-    """Caption -> (objects, unparsed phrases). The inverse of caption_of on valid captions."""
-    objects, unparsed = [], []
-    for phrase in caption.strip().split(" and "):
-        match = PHRASE.match(phrase.strip())
-        if match is None:
-            unparsed.append(phrase)
-            continue
-        size, color, texture, shape, position = match.groups()
-        objects.append(ShapeObject(shape, color, size, texture or "plain", position))
-    return objects, unparsed
-
-
-def shape_mask(shape, side):
-    """Anti-aliased coverage (side, side) in [0, 1]: drawn at SUPERSAMPLE x, box-filtered down."""
-    big = side * SUPERSAMPLE
-    image = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(image)
-    if shape == "circle":
-        draw.ellipse([0, 0, big - 1, big - 1], fill=255)
-    elif shape == "square":
-        inset = big * 0.08                                     # same visual weight as a circle
-        draw.rectangle([inset, inset, big - 1 - inset, big - 1 - inset], fill=255)
-    elif shape == "triangle":
-        draw.polygon([(big / 2, 0), (big - 1, big - 1), (0, big - 1)], fill=255)
-    else:                                                      # five-pointed star
-        centre, outer, inner = big / 2, big / 2, big / 5
-        points = [(centre + r * np.sin(k * np.pi / 5), centre - r * np.cos(k * np.pi / 5))
-                  for k, r in zip(range(10), [outer, inner] * 5)]
-        draw.polygon(points, fill=255)
-    return np.asarray(image.resize((side, side), Image.BOX), dtype=np.float32) / 255.0
-
-
-def texture_field(texture):
-    """Zero-mean modulation in [-1, 1] over the whole canvas (CANVAS, CANVAS)."""
-    fine = (np.arange(CANVAS * SUPERSAMPLE) + 0.5) / SUPERSAMPLE
-    wave = np.cos(2 * np.pi * fine / TEXTURE_PERIOD)
-    if texture == "plain":
-        field = np.zeros((fine.size, fine.size))
-    elif texture == "striped":
-        field = np.repeat(wave[:, None], fine.size, axis=1)     # horizontal stripes
-    else:
-        field = wave[:, None] * wave[None, :]                  # a grid of dots
-    return field.reshape(CANVAS, SUPERSAMPLE, CANVAS, SUPERSAMPLE).mean((1, 3)).astype(np.float32)
-
-
-class ShapesRenderer:
-    """Renders objects onto a CANVAS x CANVAS RGB array; masks and textures are computed once."""
-
-    def __init__(self):
-        cell = CANVAS // GRID
-        self.cell = cell
-        self.masks = {(shape, size): shape_mask(shape, round(cell * frac))
-                      for shape in SHAPES for size, frac in SIZES.items()}
-        self.textures = {t: texture_field(t) for t in TEXTURES}
-
-    def render(self, objects, jitter):
-        canvas = np.empty((CANVAS, CANVAS, 3), dtype=np.float32)
-        canvas[:] = BACKGROUND
-        for obj, (dy, dx) in zip(objects, jitter):
-            mask = self.masks[(obj.shape, obj.size)]
-            side = mask.shape[0]
-            row, col = divmod(POSITIONS.index(obj.position), GRID)
-            y = row * self.cell + (self.cell - side) // 2 + dy
-            x = col * self.cell + (self.cell - side) // 2 + dx
-            y, x = min(max(y, row * self.cell), (row + 1) * self.cell - side), \
-                min(max(x, col * self.cell), (col + 1) * self.cell - side)
-            texture = self.textures[obj.texture][y:y + side, x:x + side, None]
-            color = np.asarray(COLORS[obj.color], dtype=np.float32) + TEXTURE_AMPLITUDE * texture
-            alpha = mask[..., None]
-            canvas[y:y + side, x:x + side] = canvas[y:y + side, x:x + side] * (1 - alpha) + color * alpha
-        return np.clip(canvas + 0.5, 0, 255).astype(np.uint8)
-
-
-def random_objects(rng):
-    """1 to 3 objects in distinct cells, every attribute uniform."""
-    cells = rng.sample(range(GRID * GRID), rng.randint(1, 3))
-    return [ShapeObject(rng.choice(SHAPES), rng.choice(list(COLORS)), rng.choice(list(SIZES)),
-                        rng.choice(TEXTURES), POSITIONS[cell]) for cell in cells]
-
-
-@functools.lru_cache(maxsize=1)
-def shared_renderer():
-    return ShapesRenderer()
-
-
-def shapes_split(split, n, seed=None):
-    """n (image uint8 (n, CANVAS, CANVAS, 3), captions) of a split; disjoint seeds per split."""
-    rng = random.Random(SPLIT_SEEDS[split] if seed is None else seed)
-    renderer = shared_renderer()
-    max_jitter = (renderer.cell - renderer.masks[(SHAPES[0], "large")].shape[0]) // 2
-    images = np.empty((n, CANVAS, CANVAS, 3), dtype=np.uint8)
-    captions = []
-    for i in range(n):
-        objects = random_objects(rng)
-        jitter = [(rng.randint(-max_jitter, max_jitter), rng.randint(-max_jitter, max_jitter))
-                  for _ in objects]
-        images[i] = renderer.render(objects, jitter)
-        captions.append(caption_of(objects))
-    return images, captions
-
-
-def shapes_vocabulary():
-    words = {"a", "and", "at", "the"} | set(SIZES) | set(COLORS) | set(TEXTURES[1:]) | set(SHAPES)
-    words |= {w for p in POSITIONS for w in p.split()}
-    return sorted(words)
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -302,6 +146,42 @@ def field(record, key, where):
     return record[key]
 
 
+JSON_SPACE = re.compile(r"[\s,]*")
+
+
+def json_array(f, chunk_size=1 << 20):
+    """The records of a file holding one JSON array, decoded one at a time: a 1 GB LLaVA-665K
+    file is never held as text and as objects at once (only what the caller keeps stays)."""
+    decoder, buffer = json.JSONDecoder(), f.read(chunk_size)
+    position = JSON_SPACE.match(buffer).end() + 1                 # past the "["
+    while True:
+        position = JSON_SPACE.match(buffer, position).end()
+        if position < len(buffer) and buffer[position] == "]":
+            return
+        try:
+            if position == len(buffer):
+                raise json.JSONDecodeError("more", buffer, position)
+            record, position = decoder.raw_decode(buffer, position)
+        except json.JSONDecodeError:                              # the record goes on in the file
+            more = f.read(chunk_size)
+            if not more:
+                raise
+            buffer, position = buffer[position:] + more, 0
+            continue
+        yield record
+
+
+def llava_pairs(records, path):
+    """(image, first assistant answer) of LLaVA conversation records that have an image."""
+    for i, record in enumerate(records):
+        if not isinstance(record, dict) or "image" not in record:
+            continue
+        answers = [field(turn, "value", f"{path} [{i}] conversations") for turn in
+                   field(record, "conversations", f"{path} [{i}]") if turn.get("from") in ("gpt", "assistant")]
+        if answers:
+            yield record["image"], answers[0].strip()
+
+
 def parse_caption_file(path):
     try:
         with open(path, encoding="utf-8") as f:
@@ -314,6 +194,10 @@ def parse_caption_file(path):
                 records = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
                 return [(field(r, "image", f"{path} line {n}"), field(r, "caption", f"{path} line {n}"))
                         for n, r in records]
+            opening = f.read(4096).lstrip()[:1]
+            f.seek(0)
+            if opening == "[":                                    # LLaVA conversations, streamed
+                return list(llava_pairs(json_array(f), path))
             data = json.load(f)
     except json.JSONDecodeError as error:
         raise DataError(f"{path} is not valid JSON ({error})") from None
@@ -329,16 +213,6 @@ def parse_caption_file(path):
             if image_id not in files:
                 raise DataError(f"{where}: image_id {image_id} is not in the file's images")
             pairs.append((files[image_id], str(field(a, "caption", where)).strip()))
-        return pairs
-    if isinstance(data, list):                                    # LLaVA conversations
-        pairs = []
-        for i, record in enumerate(data):
-            if not isinstance(record, dict) or "image" not in record:
-                continue
-            answers = [field(turn, "value", f"{path} [{i}] conversations") for turn in
-                       field(record, "conversations", f"{path} [{i}]") if turn.get("from") in ("gpt", "assistant")]
-            if answers:
-                pairs.append((record["image"], answers[0].strip()))
         return pairs
     raise DataError(f"{path} is neither COCO captions JSON nor LLaVA conversation JSON")
 
@@ -438,3 +312,61 @@ def caption_tokens(data, captions, config):
     m = config.model
     return batch_captions([encode(data.tokenizer, c, m.bos_id, m.eos_id) for c in captions],
                           config.max_caption_tokens)
+
+
+# --- the loader: each step's batches prepared in worker processes ------------------------------
+
+WORKER_TIMEOUT = 600                  # seconds a worker may take for one step before the run stops
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item `step`: this process's micro-batches of that step, decoded, resized and tokenised.
+    A pure function of (seed, step): resume, and N processes splitting one global batch, see
+    exactly the batches one process would. Bad data comes back as the error, to be raised by
+    the training process with its own message (not as a worker's traceback)."""
+
+    def __init__(self, data, config, rank=0, world=1):
+        self.data, self.config, self.rank, self.world = data, config, rank, world
+
+    def __len__(self):
+        return self.config.max_iters
+
+    def __getitem__(self, step):
+        parts = self.config.grad_accum * self.world
+        try:
+            batches = []
+            for micro in range(self.config.grad_accum):
+                images, captions = self.data.batch(step, micro * self.world + self.rank, parts)
+                batches.append((images, *caption_tokens(self.data, captions, self.config)))
+            return batches, dict(getattr(self.data, "skipped", {}))
+        except DataError as error:
+            return error, {}
+
+
+def step_batches(data, config, start_step, rank=0, world=1, pin_memory=False):
+    """(step, micro-batches) for start_step..max_iters, prepared by config.num_workers worker
+    processes (0: in this process), `prefetch` steps ahead, pinned for a GPU."""
+    workers = config.num_workers
+    loader = torch.utils.data.DataLoader(
+        StepBatches(data, config, rank, world), batch_size=None, sampler=range(start_step, config.max_iters),
+        num_workers=workers, pin_memory=pin_memory, prefetch_factor=2 if workers else None,
+        timeout=WORKER_TIMEOUT if workers else 0)
+    for step, (micro_batches, skipped) in zip(range(start_step, config.max_iters), loader):
+        if isinstance(micro_batches, DataError):
+            raise micro_batches
+        if hasattr(data, "skipped"):
+            data.skipped.update(skipped)
+        yield step, micro_batches
+
+
+@contextmanager
+def worker_failures():
+    """A worker killed (or hung past WORKER_TIMEOUT) is reported by torch as a RuntimeError,
+    from a signal handler, wherever the training process is: that one error becomes one line."""
+    try:
+        yield
+    except RuntimeError as error:
+        if not str(error).startswith("DataLoader"):
+            raise
+        raise DataError(f"a data worker failed ({str(error).splitlines()[0]}); the last checkpoint "
+                        "is kept: resume with --resume") from None

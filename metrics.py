@@ -13,7 +13,8 @@ from collections import Counter
 
 import torch
 
-from data import caption_tokens, decode, parse_caption
+from data import caption_tokens, decode
+from shapes import parse_caption
 
 ATTRIBUTES = ("shape", "color", "size", "texture", "position")
 

@@ -31,7 +31,7 @@ import torch
 import distributed
 from config import (CONFIGS, assign, load_run_config, lookup, named_config, parse_options, run_cli,
                     save_run_config)
-from data import caption_tokens, load_tokenizer, make_data
+from data import load_tokenizer, make_data, step_batches, worker_failures
 from metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
 from weights import CheckpointError, checkpoint_dir, recover
@@ -247,15 +247,11 @@ def train(config):
         f"{config.model.n_image_tokens} image tokens, {context.world} x {device}, "
         f"{str(dtype).removeprefix('torch.')}, steps {start_step}..{config.max_iters}", flush=True)
     started, window_start, window_samples = time.time(), time.time(), 0
-    for step in range(start_step, config.max_iters):
+    pin = device.type == "cuda"
+    for step, micro_batches in step_batches(data, config, start_step, context.rank, context.world, pin):
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micro_batches = []
-        for micro in range(config.grad_accum):
-            part = micro * context.world + context.rank       # of the step's global batch
-            images, captions = data.batch(step, part, config.grad_accum * context.world)
-            micro_batches.append((images, *caption_tokens(data, captions, config)))
         # Weight each micro-batch by its caption tokens, over all ranks: the gradient is then the
         # token mean of the global batch, whatever the number of processes and micro-batches.
         counts = [int((labels[:, 1:] != -100).sum()) for _, _, labels in micro_batches]
@@ -264,7 +260,7 @@ def train(config):
             torch.distributed.all_reduce(step_tokens)
         for (images, input_ids, labels), count in zip(micro_batches, counts):
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-                _, loss = model(images.to(device), input_ids.to(device), labels.to(device))
+                _, loss = model(images.to(device, non_blocking=pin), input_ids.to(device), labels.to(device))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss)} at step {step + 1}: stopping; the "
                                          f"last good checkpoint is kept in {ckpt_path} (try a lower --lr)")
@@ -305,7 +301,8 @@ def train(config):
 
 def main(argv):
     config = parse_args(argv)
-    model, data, context, dtype = train(config)
+    with worker_failures():
+        model, data, context, dtype = train(config)
     if not context.main:
         context.close()
         return

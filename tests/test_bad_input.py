@@ -252,3 +252,67 @@ def test_a_kill_at_any_rename_leaves_a_checkpoint_that_resumes_exactly(when, n, 
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == straight
     assert sorted(os.listdir(out)) == ["checkpoint", "eval.json", "metrics.jsonl"]   # no leftovers
+
+
+def caption_folder(path, n, bad=()):
+    """n captioned 64x48 JPEGs; the indices in bad are corrupt files."""
+    path.mkdir()
+    for i in range(n):
+        Image.new("RGB", (64, 48), (i % 256, 80, 160)).save(path / f"{i}.jpg")
+        if i in bad:
+            (path / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (path / "captions.csv").write_text("image,caption\n" + "".join(f"{i}.jpg,colour {i % 7}\n" for i in range(n)))
+    return path
+
+
+FOLDER_RUN = [*SMALL, "--max_iters", 4, "--n_test", 4, "--n_val", 4, "--eval_interval", 1000]
+
+
+def test_workers_deliver_the_same_batches_and_skip_a_bad_image(tmp_path, capfd):
+    """30 steps of 4 touch all 90 training images, and val/test load all 5 each: the bad one is
+    met wherever the split put it, warned about once, and counted (capfd: workers' stderr too)."""
+    folder = caption_folder(tmp_path / "data", 100, bad={7})
+    weights = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        run_cli(train.main, [str(a) for a in FOLDER_RUN + ["--data", folder, "--num_workers", workers, "--out_dir", out,
+                                                         "--max_iters", 30, "--n_val", 5, "--n_test", 5]])
+        weights.append((out / "checkpoint" / "model.safetensors").read_bytes())
+        captured = capfd.readouterr()
+        warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+        assert warnings and all("7.jpg is not a readable image" in w for w in warnings), captured.err
+        assert "skipped 1 unreadable image(s) of 100" in captured.out
+    assert weights[0] == weights[1]
+
+
+def test_too_many_bad_images_stop_the_run(tmp_path, capsys):
+    folder = caption_folder(tmp_path / "data", 100, bad=set(range(0, 100, 10)))
+    expect_error(train.main, FOLDER_RUN + ["--data", folder, "--out_dir", tmp_path / "out"],
+                 "images are unreadable (listed above): fix or remove them", capsys)
+
+
+def test_a_worker_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
+    import data
+    folder = caption_folder(tmp_path / "data", 200)
+    real = data.load_image
+
+    def dies_at_step_3(path, size=None):                   # a worker killed (out of memory, say)
+        info = torch.utils.data.get_worker_info()
+        if info is not None and os.path.exists(tmp_path / "armed"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path, size)
+
+    monkeypatch.setattr(data, "load_image", dies_at_step_3)
+    save = train.save_checkpoint
+
+    def save_then_arm(*args, **kwargs):
+        save(*args, **kwargs)
+        (tmp_path / "armed").touch()
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_arm)
+    out = tmp_path / "out"
+    expect_error(train.main, FOLDER_RUN + ["--data", folder, "--num_workers", 1, "--checkpoint_interval", 2,
+                                           "--max_iters", 8, "--out_dir", out],
+                 "a data worker failed (DataLoader worker", capsys)
+    assert json.loads((out / "checkpoint" / "train_config.json").read_text())["max_iters"] == 8
+    assert (out / "checkpoint" / "model.safetensors").exists()

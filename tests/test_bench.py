@@ -60,3 +60,11 @@ def test_composite_prefill_flops_at_the_paper_shape():
         return bench.closed_form_flops(bench.mode_config("paper", mode, full_depth=True), 64, head_rows=1)["llm"]
     assert prefill("llava+composite-noffn") <= 0.35 * prefill("llava")
     assert prefill("llava+composite") < prefill("llava")
+
+
+def test_loader_bench_delivers_images(tmp_path):
+    import bench_loader
+    bench_loader.write_photos(tmp_path / "photos", 12, size=(50, 40))
+    assert len(list((tmp_path / "photos").glob("*.jpg"))) == 12
+    for workers in (0, 1):
+        assert bench_loader.loader_images_per_s(str(tmp_path / "photos"), "tiny", workers, steps=2, batch_size=4) > 0

@@ -9,7 +9,7 @@ import pytest
 from config import TrainConfig, named_config, parse_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENTRY_POINTS = {"train", "sample", "eval", "bench", "ablation"}
+ENTRY_POINTS = {"train", "sample", "eval", "bench", "bench_loader", "ablation"}
 
 
 @dataclass

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import (CANVAS, COLORS, DataError, ShapeObject, ShapesRenderer, build_tokenizer, caption_of,
-                  decode, encode, load_image, parse_caption, read_caption_pairs, shapes_split,
-                  shapes_vocabulary, to_tensor)
+from data import DataError, build_tokenizer, decode, encode, load_image, read_caption_pairs, to_tensor
+from shapes import (CANVAS, COLORS, ShapeObject, ShapesRenderer, caption_of, parse_caption, shapes_split,
+                    shapes_vocabulary)
 from metrics import bleu4, cider, shapes_metrics
 from fusion import resize
 
@@ -158,3 +158,17 @@ def test_bleu_and_cider():
     wrong = ["a cat sleeps", "one car parked"]
     assert bleu4(wrong, refs) == 0.0
     assert cider(perfect, refs) > cider(["a dog sits on grass", "people ride down a road"], refs) > cider(wrong, refs)
+
+
+def test_llava_json_is_read_record_by_record(tmp_path):
+    """The streamed reader gives what json.load gives, with records cut across chunks."""
+    from data import json_array
+    records = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nDescribe. [x]"},
+                                                       {"from": "gpt", "value": f"caption {i}, with \"quotes\""}]}
+               for i in range(30)] + [{"id": "text-only", "conversations": []}]
+    (tmp_path / "llava.json").write_text(" \n" + json.dumps(records, indent=1))
+    with open(tmp_path / "llava.json") as f:
+        assert list(json_array(f, chunk_size=7)) == records
+    (tmp_path / "cut.json").write_text(json.dumps(records)[:-40])
+    with open(tmp_path / "cut.json") as f, pytest.raises(json.JSONDecodeError):
+        list(json_array(f, chunk_size=64))
