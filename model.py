@@ -87,9 +87,8 @@ class SparseCutConfig:
         if d.get("config_version", 1) == 1 and d.get("fusion", "sparsecut") != "sparsecut":
             d["shortcuts"] = "none"                # version 1 ignored shortcuts outside sparsecut
         d["config_version"] = CONFIG_VERSION
-        d["vit"] = ViTConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                for k, v in d.get("vit", {}).items()})
-        d["llm"] = LLMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get("llm", {}).items()})
+        tuples = lambda part: {k: tuple(v) if isinstance(v, list) else v for k, v in part.items()}  # JSON lists
+        d["vit"], d["llm"] = ViTConfig(**tuples(d.get("vit", {}))), LLMConfig(**tuples(d.get("llm", {})))
         return cls(**d)
 
     @property

@@ -59,6 +59,7 @@ def parse_args(argv):
         argv.pop(at)
     config = named_config(name or "tiny")
     given = parse_options(config, argv, __doc__)
+    check_out_dir(config)
     if config.resume:
         config = resumed_config(config, given, name)
     config.check()
@@ -67,7 +68,6 @@ def parse_args(argv):
 
 def resumed_config(config, given, name):
     """The saved config of the run in config.out_dir with the given train options applied."""
-    check_out_dir(config)
     saved = load_run_config(os.path.join(config.out_dir, "checkpoint"))
     saved.out_dir = config.out_dir                      # where the run is now
     if name is not None and name != saved.config_name:
@@ -212,7 +212,6 @@ def start_log(metrics_path, resume, start_step):
 
 
 def train(config):
-    check_out_dir(config)
     check_backbone_paths(config.model)
     context = distributed.setup(config.device)
     device = context.device

@@ -173,7 +173,11 @@ def recover(out_dir):
         new = [d for d in leftover("tmp") if os.path.isfile(os.path.join(d, COMPLETE))]
         old = [d for d in leftover("old") if os.listdir(d)]
         if new or old:
-            os.rename((new or old)[0], out_dir)
+            try:
+                os.rename((new or old)[0], out_dir)
+            except OSError:                       # another process (rank) recovered it first
+                if not os.path.exists(out_dir):
+                    raise
     for directory in leftovers:
         if os.path.exists(directory):
             shutil.rmtree(directory, ignore_errors=True)
