@@ -7,6 +7,7 @@ import csv
 import json
 import os
 import re
+import signal
 import sys
 from contextlib import contextmanager
 
@@ -361,12 +362,21 @@ def step_batches(data, config, start_step, rank=0, world=1, pin_memory=False):
 
 @contextmanager
 def worker_failures():
-    """A worker killed (or hung past WORKER_TIMEOUT) is reported by torch as a RuntimeError,
-    from a signal handler, wherever the training process is: that one error becomes one line."""
+    """A worker killed (or hung past WORKER_TIMEOUT) reaches the training process as torch's
+    RuntimeError, raised from its SIGCHLD handler wherever the process is, or first as a broken
+    pipe to the worker: either becomes one line. torch's handler is then reset, since it would
+    raise again for the same dead worker."""
     try:
         yield
-    except RuntimeError as error:
-        if not str(error).startswith("DataLoader"):
+        return
+    except (RuntimeError, ConnectionError, EOFError) as error:
+        if isinstance(error, RuntimeError) and not str(error).startswith("DataLoader"):
             raise
-        raise DataError(f"a data worker failed ({str(error).splitlines()[0]}); the last checkpoint "
-                        "is kept: resume with --resume") from None
+        reason = str(error).splitlines()[0]
+    while True:                                   # the handler may fire once more in between
+        try:
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            break
+        except RuntimeError:
+            continue
+    raise DataError(f"a data worker failed ({reason}); the last checkpoint is kept: resume with --resume")

@@ -313,6 +313,6 @@ def test_a_worker_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(
     out = tmp_path / "out"
     expect_error(train.main, FOLDER_RUN + ["--data", folder, "--num_workers", 1, "--checkpoint_interval", 2,
                                            "--max_iters", 8, "--out_dir", out],
-                 "a data worker failed (DataLoader worker", capsys)
+                 "a data worker failed (", capsys)
     assert json.loads((out / "checkpoint" / "train_config.json").read_text())["max_iters"] == 8
     assert (out / "checkpoint" / "model.safetensors").exists()
