@@ -160,6 +160,14 @@ class Fusion(nn.Module):
         """Positions the image takes in the LLM sequence."""
         return vit_config.grid ** 2
 
+    def make_fuser(self, config):
+        """What a mode defines: the module that turns one ViT layer's tokens into LLM tokens..."""
+        raise NotImplementedError
+
+    def features(self, tokens, batch, slot):
+        """...and how: one layer's patch tokens (V*B, G*G, D_vit) -> (B, N, d), with fuser(slot)."""
+        raise NotImplementedError
+
     def fuser(self, slot):
         """Slot 0 makes the input tokens, slot 1 + k the k-th shortcut's features."""
         return self.fusers[slot if len(self.fusers) > 1 else 0]

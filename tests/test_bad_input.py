@@ -316,3 +316,23 @@ def test_a_worker_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(
                  "a data worker failed (", capsys)
     assert json.loads((out / "checkpoint" / "train_config.json").read_text())["max_iters"] == 8
     assert (out / "checkpoint" / "model.safetensors").exists()
+
+
+def test_a_worker_that_hangs_ends_the_run_with_one_line(tmp_path, capsys, monkeypatch):
+    import time
+
+    import data
+    folder = caption_folder(tmp_path / "data", 100)
+    real = data.load_image
+
+    def hangs(path, size=None):
+        if torch.utils.data.get_worker_info() is not None:
+            time.sleep(30)
+        return real(path, size)
+
+    monkeypatch.setattr(data, "load_image", hangs)
+    monkeypatch.setattr(data, "WORKER_TIMEOUT", 2)
+    started = time.time()
+    expect_error(train.main, FOLDER_RUN + ["--data", folder, "--num_workers", 1, "--out_dir", tmp_path / "out"],
+                 "a data worker failed (DataLoader timed out after 2 seconds)", capsys)
+    assert time.time() - started < 25
