@@ -274,9 +274,10 @@ class SparseCut(nn.Module):
         raw = read_config(path)
         if config is None:
             try:
-                config = SparseCutConfig.from_dict({**raw, **overrides})
+                config = SparseCutConfig.from_dict(raw)
             except (TypeError, ValueError) as error:
                 raise CheckpointError(f"{path}/config.json is not a SparseCut config ({error})") from None
+            config = replace(config, **overrides)                 # a bad override names itself
         names = version_1_names(config.fusion) if raw.get("config_version", 1) == 1 else lambda name: name
         if not (config.vit_path and config.llm_path):
             return load_weights(cls, config, path, names, dtype=dtype, device=device)

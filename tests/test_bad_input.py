@@ -165,6 +165,8 @@ def test_sample_errors(run_dir, capsys, tmp_path):
     expect_error(sample.main, ["--image", ok, *ckpt, "--top_k", -1], "--top_k and --max_new_tokens >= 0", capsys)
     expect_error(sample.main, ["--image", ok, *ckpt, "--top_p", 0], "--top_p in (0, 1]", capsys)
     expect_error(sample.main, ["--image", ok, *ckpt, "--device", "tpu"], "--device takes", capsys)
+    expect_error(sample.main, ["--image", ok, *ckpt, "--attention", "sparse"],
+                 "attention must be one of causal, composite, not 'sparse'", capsys)
     expect_error(sample.main, ["--image", ok, "--checkpoint", tmp_path / "nowhere"], "does not exist", capsys)
 
 
