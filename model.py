@@ -97,14 +97,18 @@ class SparseCutConfig:
         return FUSIONS[self.fusion].image_tokens(self.vit)
 
 
-def init_weights(module, std=0.02):
-    """From-scratch initialisation (as Hugging Face's initializer_range): N(0, std), zero biases."""
+def init_weights(module, embedding_std=0.02):
+    """From-scratch initialisation: Linear and Conv2d weights N(0, 1 / fan_in) (LeCun; PyTorch's
+    default scale), zero biases; embeddings N(0, 0.02). A tied output head is a Linear and gets its
+    scale. (N(0, 0.02) everywhere, Hugging Face's initializer_range, shrinks every map to
+    0.02 sqrt(fan_in) = 0.2-0.4 of its input at the tiny widths, so signals and gradients start
+    small and each attribute waited in a plateau whose length the seed decided: README, "Results".)"""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        nn.init.normal_(module.weight, std=std)
+        nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=std)
+        nn.init.normal_(module.weight, std=embedding_std)
 
 
 def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
@@ -148,15 +152,18 @@ class SparseCut(nn.Module):
     @classmethod
     def from_backbones(cls, config, device="cpu", dtype=torch.float32):
         """The paper's setting: pretrained ViT and LLM from config.vit_path / config.llm_path
-        (Hugging Face directories), the fusion unit new. Backbones are loaded once, in place."""
+        (Hugging Face directories), the fusion unit new. Backbones are loaded once, in place.
+        Without llm_path the LLM is new (a pretrained encoder, an LLM from scratch: tiny-frozen)."""
         vit = ViT.from_pretrained(config.vit_path, dtype=dtype, device=device).train()
-        llm = LLM.from_pretrained(config.llm_path, dtype=dtype, device=device).train()
-        hf = read_config(config.llm_path)
-        eos = hf.get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) else eos
-        ids = {"bos_id": hf.get("bos_token_id"), "eos_id": eos, "pad_id": hf.get("pad_token_id")}
-        config = replace(config, vit=vit.config, llm=llm.config,
-                         **{k: v for k, v in ids.items() if v is not None})
+        config = replace(config, vit=vit.config)
+        llm = None                                   # no llm_path (tiny-frozen): a new LLM
+        if config.llm_path:
+            llm = LLM.from_pretrained(config.llm_path, dtype=dtype, device=device).train()
+            hf = read_config(config.llm_path)
+            eos = hf.get("eos_token_id")
+            eos = eos[0] if isinstance(eos, list) else eos
+            ids = {"bos_id": hf.get("bos_token_id"), "eos_id": eos, "pad_id": hf.get("pad_token_id")}
+            config = replace(config, llm=llm.config, **{k: v for k, v in ids.items() if v is not None})
         with torch.device(device):
             return cls(config, vit=vit, llm=llm).to(dtype)
 
@@ -279,11 +286,11 @@ class SparseCut(nn.Module):
                 raise CheckpointError(f"{path}/config.json is not a SparseCut config ({error})") from None
             config = replace(config, **overrides)                 # a bad override names itself
         names = version_1_names(config.fusion) if raw.get("config_version", 1) == 1 else lambda name: name
-        if not (config.vit_path and config.llm_path):
+        if not config.vit_path:
             return load_weights(cls, config, path, names, dtype=dtype, device=device)
         model = cls.from_backbones(config, device, dtype)
         return fill_weights(model, path, names, dtype=dtype, device=device,
-                            optional_prefixes=("vit.", "llm."))
+                            optional_prefixes=("vit.", "llm.") if config.llm_path else ("vit.",))
 
 
 def version_1_names(fusion):
