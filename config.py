@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from contrastive import ContrastiveConfig
 from llm import LLMConfig
 from model import SparseCutConfig
 from vit import ViTConfig
@@ -45,6 +46,8 @@ class TrainConfig:
     dtype: str = "auto"               # auto (bf16 on CUDA, fp32 on CPU where bf16 is slower) | float32 | bfloat16
     compile: str = "auto"             # auto (on CUDA) | on | off
     freeze: str = ""                  # comma list of vit, fusion, llm (paper stage 1: vit,llm)
+    stage1_iters: int = 0             # the first steps also freeze the LLM (paper stage 1 in one run)
+    clip: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # pretrain the encoder first
     init_from: str = ""               # start from this checkpoint's weights (paper stage 2)
     num_workers: int = 0              # data worker processes (decoding, resizing, tokenising)
     fsdp: bool = False                # under torchrun: FSDP2 instead of DDP
@@ -91,6 +94,7 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown TrainConfig fields {sorted(unknown)}")
         d["model"] = SparseCutConfig.from_dict(d.get("model", {}))
+        d["clip"] = ContrastiveConfig(**d.get("clip", {}))
         return cls(**d)
 
 
@@ -109,6 +113,17 @@ def tiny():
     return TrainConfig(model=SparseCutConfig(
         vit=ViTConfig(image_size=48, patch_size=8, width=96, n_layer=4, n_head=4, mlp_dim=384),
         llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384)))
+
+
+def tiny_frozen():
+    """The paper's setting at tiny scale: the tiny ViT pretrained CLIP-style (contrastive, on the
+    low-res view) into out/tiny-clip once and reused by every run that names it, then frozen;
+    stage 1 trains the fusion alone, stage 2 the fusion and the (new) LLM."""
+    config = tiny()
+    config.model.vit_path = "out/tiny-clip"
+    config.clip.iters = 600
+    config.freeze, config.stage1_iters, config.out_dir = "vit", 100, "out/tiny-frozen"
+    return config
 
 
 def llava15_7b():
@@ -136,7 +151,7 @@ def smol():
         checkpoint_interval=500, max_caption_tokens=64)
 
 
-CONFIGS = {"tiny": tiny, "llava15-7b": llava15_7b, "smol": smol}
+CONFIGS = {"tiny": tiny, "tiny-frozen": tiny_frozen, "llava15-7b": llava15_7b, "smol": smol}
 
 
 def named_config(name):
@@ -163,6 +178,8 @@ def field_paths(config, prefix=""):
 
 def resolve(name, paths):
     """A command-line name -> the one field path it names (the path itself, or a tail of it)."""
+    if name in paths:                                 # a full path is never ambiguous: --lr, --clip.lr
+        return name
     matches = [path for path in paths if path == name or path.endswith("." + name)]
     if len(matches) == 1:
         return matches[0]

@@ -31,6 +31,7 @@ import torch
 import distributed
 from config import (CONFIGS, assign, load_run_config, lookup, named_config, parse_options, run_cli,
                     save_run_config)
+from contrastive import pretrain_encoder
 from data import load_tokenizer, make_data, step_batches, worker_failures
 from metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
@@ -142,16 +143,20 @@ def log_line(step, config, loss, samples_per_s, started, start_step):
             f"  elapsed {elapsed / 60:4.1f} min  left {left / 60:4.1f} min")
 
 
-def check_backbone_paths(m):
-    """Pretrained backbones must be downloaded beforehand: say which, and where to put them."""
+def check_backbone_paths(m, clip_iters=0):
+    """Pretrained backbones must be downloaded beforehand (or, for the encoder with clip.iters,
+    pretrained here): say which, and where to put them."""
     for key in ("vit_path", "llm_path"):
         path = getattr(m, key)
-        if path and not os.path.isdir(path):
+        pretrained_here = key == "vit_path" and clip_iters > 0      # tiny-frozen makes its own
+        if path and not os.path.isdir(path) and not pretrained_here:
             source = DOWNLOADS.get(os.path.basename(path.rstrip("/")), "the Hugging Face checkpoint")
             raise CheckpointError(f"--{key} {path} does not exist: download {source} into it "
                                   f"(README, 'Real weights') or pass --{key} DIR")
-    if bool(m.vit_path) != bool(m.llm_path):
-        raise ValueError("--vit_path and --llm_path go together")
+    if m.llm_path and not m.vit_path:
+        raise ValueError("--llm_path needs --vit_path: a pretrained LLM starts with a pretrained encoder")
+    if clip_iters > 0 and not m.vit_path:
+        raise ValueError("--clip.iters pretrains an encoder into --vit_path: give one")
 
 
 def build_model(config, device, ckpt_path):
@@ -212,7 +217,7 @@ def start_log(metrics_path, resume, start_step):
 
 
 def train(config):
-    check_backbone_paths(config.model)
+    check_backbone_paths(config.model, config.clip.iters)
     context = distributed.setup(config.device)
     device = context.device
     torch.manual_seed(config.seed)
@@ -221,11 +226,19 @@ def train(config):
     data = make_data(config, load_tokenizer(ckpt_path) if config.resume else None)
     if not config.model.llm_path:
         config.model.llm.vocab_size = data.tokenizer.get_vocab_size()
+    if config.clip.iters > 0 and not config.resume and not os.path.isdir(config.model.vit_path):
+        if context.main:                        # the encoder once; every run sharing vit_path reuses it
+            pretrain_encoder(config, data, config.model.vit_path)
+        if context.world > 1:
+            torch.distributed.barrier()
     metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
     model = build_model(config, device, ckpt_path).train()
     config.model = model.config                               # with the backbones' configs
     apply_freeze(model, config.freeze)
     model.llm.checkpoint_layers = config.activation_checkpointing
+    if config.stage1_iters and context.world > 1:
+        raise ValueError("--stage1_iters switches the LLM on mid-run, which DDP/FSDP cannot follow; "
+                         "under torchrun run stage 1 with --freeze vit,llm and stage 2 with --init_from")
     model = distributed.wrap(model, context, config.fsdp)
     optimizer = make_optimizer(model, config, device)
     start_step = 0
@@ -234,6 +247,9 @@ def train(config):
         start_step = state["step"]
         torch.set_rng_state(state["rng"])
         distributed.load_optimizer(model, optimizer, state["optimizer"], config.fsdp)
+    stage1 = start_step < config.stage1_iters and "llm" not in config.freeze
+    if stage1:                      # paper stage 1: the fusion alone learns to talk to the LLM
+        model.llm.requires_grad_(False)
     if context.main:
         start_log(metrics_path, config.resume, start_step)
     if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
@@ -248,6 +264,10 @@ def train(config):
     started, window_start, window_samples = time.time(), time.time(), 0
     pin = device.type == "cuda"
     for step, micro_batches in step_batches(data, config, start_step, context.rank, context.world, pin):
+        if stage1 and step == config.stage1_iters:                 # paper stage 2: the LLM too
+            model.llm.requires_grad_(True)
+            stage1 = False
+            say(f"step {step:>5}  stage 2: training the LLM with the fusion", flush=True)
         lr = learning_rate(config, step)
         for group in optimizer.param_groups:
             group["lr"] = lr

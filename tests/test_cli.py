@@ -139,7 +139,8 @@ def test_sample_without_a_checkpoint_says_what_to_run(tmp_path):
 def test_real_configs_say_what_to_download(tmp_path):
     bad("train.py", "--config", "smol", "--device", "cpu", "--data", "shapes", match=
         "--vit_path checkpoints/siglip-base-patch16-224 does not exist: download google/siglip-base-patch16-224")
-    bad("train.py", "--config", "tiny", "--vit_path", tmp_path, match="--vit_path and --llm_path go together")
+    bad("train.py", "--config", "tiny", "--llm_path", tmp_path, match="--llm_path needs --vit_path")
+    bad("train.py", "--config", "tiny", "--clip.iters", "5", match="--clip.iters pretrains an encoder into --vit_path")
 
 
 def test_eval_reproduces_the_runs_eval_json(trained):

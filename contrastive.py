@@ -1,0 +1,143 @@
+"""Contrastive image-caption pretraining of a tiny ViT, the way CLIP was made (Radford et al. 2021,
+section 2.3, figure 3): the paper's frozen, pretrained encoder at tiny scale (DESIGN.md 6b).
+
+An image tower (the ViT, on the low-resolution view only, so it never needs fine detail) and a
+text tower (a small causal decoder from llm.py) map a batch of images and their captions to unit
+vectors; a symmetric cross-entropy over the B x B cosine similarities, with a learned temperature,
+pulls each image toward its own caption. As in CLIP, the image embedding is the last layer's class
+token after the final layernorm, the text embedding the last hidden state at the EOS token, each
+followed by a linear projection.
+
+The encoder is written as a Hugging Face `CLIPVisionModel` directory (`save_clip_vision`), so a run
+loads it with `--vit_path` exactly as it loads OpenAI's CLIP, and `transformers` can load it too.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from fusion import resize
+from llm import LLM, LLMConfig
+from vit import ViT
+from weights import atomic_directory
+
+PRETRAIN_SEED = 900_001               # the encoder's images are not the runs' training images
+
+
+@dataclass
+class ContrastiveConfig:
+    iters: int = 0                    # 0: no pretraining (the encoder comes from vit_path or trains end to end)
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_iters: int = 50
+    embed_dim: int = 64               # the shared image-text embedding
+    text_width: int = 64
+    text_layers: int = 2
+    seed: int = 0                     # one encoder for every run that shares vit_path
+
+
+class ContrastivePair(nn.Module):
+    """Image tower + text tower + projections + temperature. forward -> (loss, accuracy)."""
+
+    def __init__(self, vit_config, vocab_size, config):
+        super().__init__()
+        self.vit = ViT(vit_config)
+        self.text = LLM(LLMConfig(vocab_size=vocab_size, width=config.text_width, n_layer=config.text_layers,
+                                  n_head=2, n_kv_head=2, mlp_dim=4 * config.text_width))
+        self.image_proj = nn.Linear(vit_config.width, config.embed_dim, bias=False)
+        self.text_proj = nn.Linear(config.text_width, config.embed_dim, bias=False)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))      # CLIP's initial 1/T
+
+    def embed_images(self, images):
+        """images (B, 3, H, W) in [0, 1] -> unit vectors (B, E), from the low-res view only."""
+        low = resize(images, self.vit.config.image_size)
+        last = self.vit(self.vit.normalize(low))[-1]                         # (B, 1 + G*G, D)
+        return F.normalize(self.image_proj(self.vit.post_layernorm(last[:, 0])), dim=-1)
+
+    def embed_texts(self, input_ids, eos_index):
+        """input_ids (B, T) right-padded; eos_index (B,) -> unit vectors (B, E)."""
+        hidden = self.text(input_ids, return_hidden=True)                    # (B, T, w)
+        at_eos = hidden[torch.arange(len(input_ids)), eos_index]             # (B, w)
+        return F.normalize(self.text_proj(at_eos), dim=-1)
+
+    def forward(self, images, input_ids, eos_index):
+        image, text = self.embed_images(images), self.embed_texts(input_ids, eos_index)
+        logits = image @ text.T * self.log_scale.clamp(max=math.log(100)).exp()  # (B, B)
+        target = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return loss, (logits.argmax(1) == target).float().mean()
+
+
+def hf_clip_vision_key(name):
+    """Our ViT tensor name -> the Hugging Face CLIPVisionModel name (the inverse of vit.hf_vit_key)."""
+    name = name.replace("layers.", "encoder.layers.").replace("pre_layernorm.", "pre_layrnorm.")
+    return "vision_model." + name
+
+
+def save_clip_vision(vit, path, provenance):
+    """Write the ViT as a CLIPVisionModel directory (config.json, model.safetensors), atomically."""
+    c = vit.config
+    hf_config = {"architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model",
+                 "hidden_size": c.width, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.n_layer,
+                 "num_attention_heads": c.n_head, "image_size": c.image_size, "patch_size": c.patch_size,
+                 "num_channels": 3, "hidden_act": c.act, "layer_norm_eps": c.norm_eps,
+                 "projection_dim": c.width, "sparsecut_pretraining": provenance}
+    preprocessor = {"image_mean": list(c.image_mean), "image_std": list(c.image_std),
+                    "crop_size": c.image_size, "size": c.image_size}
+    tensors = {hf_clip_vision_key(k): v.detach().contiguous().cpu() for k, v in vit.state_dict().items()}
+    with atomic_directory(path) as tmp:
+        save_file(tensors, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        for name, content in (("config.json", hf_config), ("preprocessor_config.json", preprocessor)):
+            with open(os.path.join(tmp, name), "w") as f:
+                json.dump(content, f, indent=2)
+
+
+def pretrain_encoder(train_config, data, path, say=print):
+    """Train a fresh ViT (train_config.model.vit) contrastively on data's captions; save to path."""
+    with torch.random.fork_rng():                 # the run's own random stream stays untouched
+        torch.manual_seed(train_config.clip.seed)
+        return _pretrain(train_config, data, path, say)
+
+
+def _pretrain(train_config, data, path, say):
+    from model import init_weights                    # the from-scratch initialisation of every run
+    c, m = train_config.clip, train_config.model
+    pair = ContrastivePair(m.vit, data.tokenizer.get_vocab_size(), c)
+    pair.apply(init_weights)
+    optimizer = torch.optim.AdamW(pair.parameters(), lr=c.lr, betas=(0.9, 0.95), weight_decay=0.05)
+    # Its own image stream: the Shapes (or folder) batches of another seed, at its own batch size.
+    stream = type(data)(replace(train_config, batch_size=c.batch_size, seed=PRETRAIN_SEED + c.seed),
+                        data.tokenizer)
+    started = time.time()
+    say(f"pretraining the encoder contrastively (CLIP-style, low-res view): {c.iters} steps of "
+        f"{c.batch_size}, into {path}", flush=True)
+    for step in range(c.iters):
+        progress = max(0, step - c.warmup_iters) / max(1, c.iters - c.warmup_iters)
+        lr = c.lr * min(1, (step + 1) / max(1, c.warmup_iters)) * 0.5 * (1 + math.cos(math.pi * progress))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images, captions = stream.batch(step)
+        ids = [[m.bos_id] + data.tokenizer.encode(t, add_special_tokens=False).ids + [m.eos_id]
+               for t in captions]
+        input_ids = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+        for i, row in enumerate(ids):
+            input_ids[i, :len(row)] = torch.tensor(row)
+        loss, accuracy = pair(images, input_ids, torch.tensor([len(row) - 1 for row in ids]))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % 50 == 0 or step + 1 == c.iters:
+            say(f"clip step {step + 1:>5}/{c.iters}  loss {float(loss):.4f}  "
+                f"image->caption acc {float(accuracy):.2f}  elapsed {(time.time() - started) / 60:.1f} min",
+                flush=True)
+    save_clip_vision(pair.vit, path, {"config": asdict(c), "data": train_config.data,
+                                      "final_loss": float(loss), "seconds": time.time() - started})
+    return pair
