@@ -25,8 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import check_device, check_writable, parse_options, run_cli
-from fusion import FUSIONS
 from llm import KVCache, LLMConfig
+from metrics import closed_form_flops
 from model import SparseCut, SparseCutConfig
 from vit import ViTConfig
 
@@ -69,40 +69,6 @@ def mode_config(shape, mode, full_depth=False):
 
 
 # --- FLOPs -------------------------------------------------------------------------------------
-
-def closed_form_flops(config, text_tokens, head_rows=None):
-    """Forward FLOPs per sample, 2 per multiply-add, split vision / fusion / llm (+ llm_attention,
-    the part of llm inside scaled_dot_product_attention, which computes the full rectangle).
-
-    vision: V views (5, or 1 for a mode that sees the low-res view only) x (patch embedding +
-            vit_depth blocks of qkv/out (4 D^2), MLP (2 D M) and attention (2 T^2 D)).
-    fusion: the mode's own count (`Fusion.flops`: its fusers on the input and every injection).
-    llm:    per layer, q rows Q (T, or the text rows under composite attention), F rows through
-            the FFN (T, or the text rows without visual FFN): q 2 Q d Hh, k/v 2 T d 2 Kh, o 2 T Hh d
-            (the aligner also uses o), FFN 2 F 3 d M, attention 2 Q T Hh x 2; then the head on
-            head_rows rows (training: the text; prefill: the last row only).
-    """
-    with torch.device("meta"):                                   # shapes only, no memory
-        fusion = FUSIONS[config.fusion](config)
-    v, l = config.vit, config.llm
-    G2, D, d = v.grid ** 2, v.width, l.width
-    views = 5 if fusion.high_res else 1
-    T_vit = G2 + int(v.class_token)
-    vit_attention = views * fusion.vit_depth * 2 * 2 * T_vit * T_vit * D
-    block = 2 * T_vit * (4 * D * D + 2 * D * v.mlp_dim)
-    vision = views * (2 * G2 * 3 * v.patch_size ** 2 * D + fusion.vit_depth * block) + vit_attention
-    N = config.n_image_tokens
-    T = N + text_tokens
-    composite = config.attention == "composite"
-    Q = T - N if composite else T
-    F = T - N if composite and not config.visual_ffn else T
-    hd, H, K = l.dim_per_head, l.n_head, l.n_kv_head
-    attention = 2 * 2 * Q * T * H * hd
-    layer = 2 * Q * d * H * hd + 2 * T * d * 2 * K * hd + 2 * T * H * hd * d + 2 * F * 3 * d * l.mlp_dim
-    head = 2 * (text_tokens if head_rows is None else head_rows) * d * l.vocab_size
-    return {"vision": vision, "fusion": fusion.flops(), "llm": l.n_layer * (layer + attention) + head,
-            "vision_attention": vit_attention, "llm_attention": l.n_layer * attention}
-
 
 def counted_flops(model, images, input_ids):
     """FlopCounterMode per part, without scaled_dot_product_attention (added from the closed form)."""

@@ -4,7 +4,7 @@
 
 The data, splits, seed, tokenizer and caption length are the run's (OUT_DIR/checkpoint/
 train_config.json), so `python eval.py --checkpoint OUT` reproduces OUT/eval.json exactly. Writes
-OUT/eval_SPLIT.json. Metrics: see metrics.py.
+OUT/eval_SPLIT.json (eval_SPLIT_composite.json with --attention composite). Metrics: see metrics.py.
 """
 
 import json
@@ -46,7 +46,8 @@ def main(argv):
     if options.n:
         setattr(config, "n_val" if options.split == "val" else "n_test", options.n)
     run_dir = os.path.dirname(path) if os.path.basename(path) == "checkpoint" else path
-    out = os.path.join(run_dir, f"eval_{options.split}.json")
+    suffix = f"_{options.attention}" if options.attention else ""   # never mixed with the run's own
+    out = os.path.join(run_dir, f"eval_{options.split}{suffix}.json")
     check_writable(out)
     data = make_data(config, load_tokenizer(path))
     metrics = evaluate_run(model, data, config, options.split, options.device)

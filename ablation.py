@@ -1,0 +1,307 @@
+"""The ablation study: every variant x seeds x setting, trained and evaluated, then one table and
+the plots (DESIGN.md 6b).
+
+    python ablation.py [--seeds 3] [--recipe_seeds 5] [--setting scratch|frozen|both] [--only NAME ...] [--device cpu]
+
+Settings: `scratch` is the tiny recipe (`--config tiny`, everything trained end to end); `frozen`
+is the paper's setting at tiny scale (`--config tiny-frozen`: one CLIP-style encoder pretrained
+once into OUT/frozen/encoder and shared by every run, frozen; stage 1 fusion only, stage 2 with
+the LLM). Each run is a `python train.py` process writing OUT/SETTING/VARIANT/seedS; a run whose
+eval.json exists is not run again and an interrupted one is resumed, so the study picks up where
+it stopped. EE-MLLM-F rows evaluate the causal llava / sparsecut checkpoints with composite
+attention switched on (`eval.py --attention composite`). From scratch, llava and sparsecut get
+`--recipe_seeds` seeds (the tiny recipe's own check), the other core variants (CORE) `--seeds`, the
+rest `--other_seeds`; in the frozen setting CORE gets `--seeds`. Writes `--doc` (docs/ablation.md), its plots beside it
+(matplotlib, needed only here) and OUT/results.json.
+"""
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from config import check_device, named_config, parse_options, run_cli
+from metrics import closed_form_flops
+from model import SparseCut
+
+VARIANTS = {  # name: train.py options (beyond --config); the fusion mode and shortcut plan they test
+    "llava": ["--fusion", "llava"],
+    "llava-hires": ["--fusion", "llava", "--vit.image_size", "96"],
+    "concat": ["--fusion", "concat"],
+    "deepstack": ["--fusion", "deepstack"],
+    "llava+shortcuts": ["--fusion", "llava", "--shortcuts", "uniform"],
+    "fusion-only": ["--shortcuts", "none"],
+    "sparsecut": [],
+    "sparsecut-dense": ["--shortcuts", "dense"],
+    "sparsecut-skew_bottom": ["--shortcuts", "skew_bottom"],
+    "sparsecut-skew_top": ["--shortcuts", "skew_top"],
+    "sparsecut-reverse": ["--shortcuts", "reverse"],
+    "sparsecut-cross_attn": ["--fuser", "cross_attn"],
+    "llava+composite": ["--fusion", "llava", "--attention", "composite"],
+    "sparsecut+composite": ["--attention", "composite"],
+}
+TRAINING_FREE = {"llava (EE-MLLM-F)": "llava", "sparsecut (EE-MLLM-F)": "sparsecut"}  # eval-only rows
+CORE = ("llava", "llava+shortcuts", "fusion-only", "sparsecut")
+NOT_IN = {"frozen": {"llava-hires": "the frozen encoder was pretrained at 48 px; at 96 px its "
+                                    "position embeddings do not apply"}}
+SETTINGS = {"scratch": "tiny", "frozen": "tiny-frozen"}
+METRICS = ("object_f1", "exact_match", "shape_acc", "color_acc", "size_acc", "texture_acc",
+           "position_acc", "count_acc", "val_loss")
+HERE = os.path.dirname(os.path.abspath(__file__))
+CAPTION_TOKENS = 16                   # text tokens per sample for the FLOPs column (a typical caption)
+
+
+@dataclass
+class AblationOptions:
+    recipe_seeds: int = 5             # seeds of llava and sparsecut from scratch (the tiny recipe's check)
+    seeds: int = 3                    # seeds of the other CORE variants, and of CORE in the frozen setting
+    other_seeds: int = 1              # seeds of the other variants
+    setting: str = "both"             # scratch | frozen | both
+    only: list = field(default_factory=list)   # variant names (default: all)
+    max_iters: int = 0                # 0: the recipe's own
+    device: str = "cpu"
+    out_dir: str = "out/ablation"
+    doc: str = "docs/ablation.md"
+    probe: bool = True                # the layer probe of the frozen encoder (and a scratch sparsecut's)
+
+
+def run(command, log_path):
+    """One train/eval process, its output kept in log_path; a failure names the log."""
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(command)}\n")
+        log.flush()
+        started = time.time()
+        done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {log_path}")
+    return time.time() - started
+
+
+def train_run(options, setting, variant, seed):
+    """Train and evaluate one run unless its eval.json exists; its record (metrics, wall time)."""
+    run_dir = os.path.join(options.out_dir, setting, variant, f"seed{seed}")
+    record_path = os.path.join(run_dir, "ablation_run.json")
+    if os.path.isfile(os.path.join(run_dir, "eval.json")) and os.path.isfile(record_path):
+        with open(record_path) as f:
+            return json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
+    encoder = os.path.join(options.out_dir, "frozen", "encoder")
+    command = [sys.executable, os.path.join(HERE, "train.py"), "--config", SETTINGS[setting], "--out_dir", run_dir,
+               "--seed", str(seed), "--device", options.device, *VARIANTS[variant]]
+    if setting == "frozen":
+        command += ["--model.vit_path", encoder]
+    if options.max_iters:
+        command += ["--max_iters", str(options.max_iters)]
+    resumable = os.path.isdir(os.path.join(run_dir, "checkpoint"))
+    command += ["--resume", "true"] if resumable else ["--overwrite", "true"]
+    made_encoder = setting == "frozen" and not os.path.isdir(encoder)
+    print(f"{setting:>7} {variant:<22} seed {seed}: training ...", end="", flush=True)
+    previous = 0.0
+    if os.path.isfile(record_path):                             # an interrupted run's time so far
+        with open(record_path) as f:
+            previous = json.load(f).get("wall_s", 0.0)
+    wall = previous + run(command, os.path.join(run_dir, "train.log"))
+    if made_encoder:                                            # the shared encoder is not this run's time
+        with open(os.path.join(encoder, "config.json")) as f:
+            wall -= json.load(f)["sparsecut_pretraining"]["seconds"]
+    with open(os.path.join(run_dir, "eval.json")) as f:
+        record = {"metrics": json.load(f), "wall_s": wall}
+    with open(record_path, "w") as f:
+        json.dump(record, f, indent=2)
+    print(f" {wall:.0f} s, object_f1 {record['metrics']['object_f1']:.3f}", flush=True)
+    return record
+
+
+def training_free_run(options, setting, causal_variant, seed):
+    """EE-MLLM-F: the causal checkpoint evaluated with composite attention."""
+    run_dir = os.path.join(options.out_dir, setting, causal_variant, f"seed{seed}")
+    out = os.path.join(run_dir, "eval_test_composite.json")
+    if not os.path.isfile(out):
+        run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", run_dir, "--attention", "composite",
+             "--device", options.device], os.path.join(run_dir, "eval_composite.log"))
+    with open(out) as f:
+        return {"metrics": json.load(f), "wall_s": 0.0}
+
+
+def flops_of(setting, variant):
+    """Closed-form forward FLOPs per sample of the variant's model ({vision, fusion, llm})."""
+    config = named_config(SETTINGS[setting])
+    parse_options(config, [a for a in VARIANTS[variant]])
+    config.model.llm.vocab_size = 64                            # the Shapes vocabulary's order
+    return closed_form_flops(config.model, CAPTION_TOKENS), config
+
+
+def training_flops(setting, variant, max_iters=0):
+    """Training FLOPs of one run: samples x (3 x forward of the trained parts + 1 x frozen ones)."""
+    flops, config = flops_of(setting, variant)
+    vision_passes = 1 if "vit" in config.freeze else 3
+    per_sample = vision_passes * flops["vision"] + 3 * (flops["fusion"] + flops["llm"])
+    return per_sample * config.batch_size * (max_iters or config.max_iters)
+
+
+def mean_std(values):
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(rows):
+    header = ("variant", "seeds", *[m.removesuffix("_acc") for m in METRICS], "LLM GFLOPs/sample",
+              "train TFLOPs", "wall s/run")
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["variant"], str(len(row["records"]))]
+        cells += [mean_std([r["metrics"][m] for r in row["records"]]) for m in METRICS]
+        cells += [f"{row['llm_flops'] / 1e9:.3f}", f"{row['train_flops'] / 1e12:.1f}",
+                  f"{statistics.mean(r['wall_s'] for r in row['records']):.0f}" if row["trained"] else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(results, probe, doc_dir):
+    import matplotlib                                          # optional: only the study needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = []
+    figure, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 5), squeeze=False)
+    for ax, (setting, rows) in zip(axes[0], results.items()):
+        for row in rows:
+            if not row["trained"]:
+                continue
+            scores = [r["metrics"]["object_f1"] for r in row["records"]]
+            x = row["train_flops"] / 1e12
+            ax.errorbar(x, statistics.mean(scores), yerr=statistics.stdev(scores) if len(scores) > 1 else 0,
+                        fmt="o", capsize=3)
+            ax.annotate(row["variant"], (x, statistics.mean(scores)), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_xlabel("training FLOPs (TFLOPs, closed form)")
+        ax.set_ylabel("test object_f1 (mean ± std over seeds)")
+        ax.set_title(f"{setting}: quality against training compute")
+        ax.grid(alpha=0.3)
+    figure.tight_layout()
+    names.append("ablation_quality_vs_flops.png")
+    figure.savefig(os.path.join(doc_dir, names[-1]), dpi=110)
+    plt.close(figure)
+    if probe:
+        figure, axes = plt.subplots(1, len(probe), figsize=(6 * len(probe), 4.2), squeeze=False)
+        for ax, (name, accuracies) in zip(axes[0], probe.items()):
+            for attribute, values in accuracies.items():
+                ax.plot(range(len(values)), values, marker="o", label=attribute)
+            ax.set_xlabel("ViT layer (0 = embeddings)")
+            ax.set_ylabel("linear probe accuracy (test objects)")
+            ax.set_title(f"layer probe: {name}")
+            ax.set_ylim(0, 1.02)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        figure.tight_layout()
+        names.append("ablation_layer_probe.png")
+        figure.savefig(os.path.join(doc_dir, names[-1]), dpi=110)
+        plt.close(figure)
+    return names
+
+
+def probe_tables(options, settings):
+    """The layer probe of the frozen encoder and of a scratch-trained sparsecut's ViT."""
+    from probe import layer_probe
+    from vit import ViT
+    encoders = {}
+    if "frozen" in settings and os.path.isdir(os.path.join(options.out_dir, "frozen", "encoder")):
+        encoders["frozen CLIP-style encoder"] = ViT.from_pretrained(os.path.join(options.out_dir, "frozen", "encoder"))
+    scratch = os.path.join(options.out_dir, "scratch", "sparsecut", "seed1", "checkpoint")
+    if "scratch" in settings and os.path.isdir(scratch):
+        encoders["ViT trained end to end (scratch sparsecut, seed 1)"] = SparseCut.from_pretrained(scratch).vit
+    return {name: layer_probe(vit) for name, vit in encoders.items()}
+
+
+def main(argv):
+    options = AblationOptions()
+    parse_options(options, argv, __doc__)
+    settings = ["scratch", "frozen"] if options.setting == "both" else [options.setting]
+    if any(s not in SETTINGS for s in settings):
+        raise ValueError(f"--setting takes scratch, frozen or both, not {options.setting!r}")
+    unknown = [name for name in options.only if name not in VARIANTS and name not in TRAINING_FREE]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}: choose from {', '.join([*VARIANTS, *TRAINING_FREE])}")
+    if min(options.seeds, options.other_seeds, options.recipe_seeds) < 1:
+        raise ValueError("--seeds, --recipe_seeds and --other_seeds must be at least 1")
+    check_device(options.device)
+    chosen = options.only or [*VARIANTS, *TRAINING_FREE]
+    started = time.time()
+    results, skipped = {}, []
+    for setting in settings:
+        rows = []
+        for variant in [v for v in chosen if v in VARIANTS or TRAINING_FREE.get(v) in VARIANTS]:
+            if variant in NOT_IN.get(setting, {}):
+                skipped.append(f"{variant} ({setting}): {NOT_IN[setting][variant]}")
+                continue
+            causal = TRAINING_FREE.get(variant, variant)
+            n_seeds = options.seeds if causal in CORE else options.other_seeds
+            if setting == "scratch" and causal in ("llava", "sparsecut"):
+                n_seeds = options.recipe_seeds
+            records = []
+            for seed in range(1, n_seeds + 1):
+                if variant in TRAINING_FREE:
+                    train_run(options, setting, causal, seed)
+                    records.append(training_free_run(options, setting, causal, seed))
+                else:
+                    records.append(train_run(options, setting, variant, seed))
+            flops, _ = flops_of(setting, causal)
+            if variant in TRAINING_FREE:
+                composite, _ = flops_of(setting, "llava+composite" if causal == "llava" else "sparsecut+composite")
+                flops = composite
+            rows.append({"variant": variant, "records": records, "llm_flops": flops["llm"],
+                         "train_flops": training_flops(setting, causal, options.max_iters), "trained": variant in VARIANTS})
+        results[setting] = rows
+    probe = probe_tables(options, settings) if options.probe else {}
+    doc_dir = os.path.dirname(options.doc) or "."
+    os.makedirs(doc_dir, exist_ok=True)
+    images = plots(results, probe, doc_dir)
+    with open(os.path.join(options.out_dir, "results.json"), "w") as f:
+        json.dump({"results": results, "probe": probe}, f, indent=2)
+    write_doc(options, argv, results, probe, images, skipped, time.time() - started)
+    print(f"wrote {options.doc} ({time.time() - started:.0f} s)")
+
+
+def write_doc(options, argv, results, probe, images, skipped, seconds):
+    cpu = platform.processor() or platform.machine()
+    parts = [
+        "# Ablation study",
+        "",
+        f"Written by `python ablation.py {' '.join(argv)}` on {os.cpu_count()} CPU cores ({cpu}, "
+        f"{platform.system()}), device `{options.device}`; this invocation took {seconds / 60:.0f} min "
+        "(runs already done are read back, not repeated). Every figure is the test split "
+        "(500 images) of the run's own recipe; mean ± std over seeds 1..N where a row has more than "
+        "one seed, else one run. `LLM GFLOPs/sample` is the closed-form forward count of the LLM "
+        f"(image tokens + {CAPTION_TOKENS} caption tokens); `train TFLOPs` counts the whole run "
+        "(3 x forward for trained parts, 1 x for the frozen encoder). Wall time is per run, training "
+        "and evaluation, on a shared machine.",
+    ]
+    titles = {"scratch": "From scratch (`--config tiny`: the ViT trains with everything else)",
+              "frozen": "Frozen pretrained encoder (`--config tiny-frozen`: CLIP-style encoder, "
+                        "stage 1 fusion only, stage 2 with the LLM)"}
+    for setting, rows in results.items():
+        parts += ["", f"## {titles[setting]}", "", table(rows)]
+    if skipped:
+        parts += ["", "Not run: " + "; ".join(skipped) + "."]
+    if probe:
+        parts += ["", "## Layer probe", "",
+                  "Linear probe of each ViT layer's high-res tokens at the centre of each object "
+                  "(probe.py): test accuracy per attribute; chance 0.25 shape, 0.167 colour, 0.5 size, "
+                  "0.333 texture."]
+        for name, accuracies in probe.items():
+            n = len(next(iter(accuracies.values())))
+            parts += ["", f"### {name}", "", "| attribute | " + " | ".join(f"layer {i}" for i in range(n)) + " |",
+                      "|" + "---|" * (n + 1)]
+            parts += [f"| {a} | " + " | ".join(f"{v:.3f}" for v in values) + " |" for a, values in accuracies.items()]
+    parts += [""] + [f"![{name}]({name})" for name in images] + [""]
+    with open(options.doc, "w") as f:
+        f.write("\n".join(parts))
+
+
+if __name__ == "__main__":
+    run_cli(main, sys.argv[1:])
