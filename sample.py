@@ -2,9 +2,13 @@
 
     python sample.py --image cat.jpg [more.png ...] [--checkpoint DIR] [--prompt TEXT]
                      [--temperature T] [--top_k K] [--top_p P] [--attention composite]
+                     [--show out.png]
 
 Any image PIL reads, of any size and mode; greedy decoding by default. The caption length is the
-run's own (its saved training config), unless --max_new_tokens says otherwise.
+run's own (its saved training config), unless --max_new_tokens says otherwise. `--show` draws the
+(first) image with its caption under it and, for a model with shortcuts, which ViT layer feeds
+which LLM layer and how much each adds: the norm of the added features relative to the hidden
+state they are added to, at the image positions, on this image (matplotlib, needed only here).
 """
 
 import os
@@ -13,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from config import RUN_CONFIG, check_device, load_run_config, parse_options, run_cli
+from config import RUN_CONFIG, check_device, check_writable, load_run_config, parse_options, run_cli
 from data import decode, encode, load_image, load_tokenizer
 from model import SparseCut
 from weights import CheckpointError, checkpoint_dir
@@ -34,6 +38,7 @@ class SampleOptions:
     attention: str = ""               # composite on a causal checkpoint = training-free EE-MLLM-F
     seed: int = 0
     device: str = "cpu"
+    show: str = ""                    # write a picture: the image, its caption, the shortcuts' share
 
 
 def main(argv):
@@ -46,6 +51,8 @@ def main(argv):
         raise ValueError("--temperature must be >= 0, --top_k and --max_new_tokens >= 0, "
                          "--top_p in (0, 1]")
     check_device(options.device)
+    if options.show:
+        check_writable(options.show)
     path = checkpoint_dir(options.checkpoint)
     if options.checkpoint == DEFAULT_CHECKPOINT and not os.path.isdir(path):
         raise CheckpointError(f"no checkpoint in {DEFAULT_CHECKPOINT}: train one first with "
@@ -66,6 +73,69 @@ def main(argv):
     for image_path, ids in zip(options.image, outputs):
         caption = " ".join(filter(None, [options.prompt.strip(), decode(tokenizer, ids)]))
         print(caption if len(options.image) == 1 else f"{image_path}: {caption}")
+    if options.show:
+        ids = prompt + outputs[0]
+        shares = shortcut_shares(model, images[:1], torch.tensor([ids], device=options.device))
+        caption = " ".join(filter(None, [options.prompt.strip(), decode(tokenizer, outputs[0])]))
+        draw(images[0], caption, shares, model.config, options.show)
+        print(f"wrote {options.show}")
+
+
+def shortcut_shares(model, images, input_ids):
+    """[(vit_layer, llm_layer, share)]: per shortcut, the mean over image positions of
+    |added features| / |hidden state before the addition|, on these images."""
+    plan = model.fusion.plan
+    if not plan:
+        return []
+    _, injected = model.encode_images(images)                 # {llm_layer: (1, N, d)}
+    seen = {}
+
+    def keep_input(llm_layer):
+        def hook(module, args):
+            seen[llm_layer] = args[0].detach()                 # (1, N + T, d), the addition made
+        return hook
+
+    hooks = [model.llm.layers[llm_layer].register_forward_pre_hook(keep_input(llm_layer))
+             for _, llm_layer in plan]
+    try:
+        model(images, input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    shares = []
+    for vit_layer, llm_layer in plan:
+        added = injected[llm_layer]                            # (1, N, d)
+        before = seen[llm_layer][:, :added.shape[1]] - added   # the layer's input less the addition
+        shares.append((vit_layer, llm_layer, float((added.norm(dim=-1) / before.norm(dim=-1)).mean())))
+    return shares
+
+
+def draw(image, caption, shares, config, path):
+    import textwrap
+
+    import matplotlib                                          # optional: only --show needs it
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = 2 if shares else 1
+    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels + (1.5 if shares else 0), 4.8), squeeze=False)
+    ax = axes[0][0]
+    ax.imshow(image.permute(1, 2, 0).cpu().numpy())
+    ax.set_axis_off()
+    ax.set_title(f"{config.fusion} + {config.attention}", fontsize=9)
+    ax.text(0.5, -0.04, "\n".join(textwrap.wrap(caption, 44)), transform=ax.transAxes,
+            ha="center", va="top", fontsize=9)
+    if shares:
+        ax = axes[0][1]
+        labels = [f"ViT {v} -> LLM {l}" for v, l, _ in shares]
+        ax.barh(range(len(shares)), [share for _, _, share in shares], color="tab:orange")
+        ax.set_yticks(range(len(shares)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("|added| / |hidden state| at image positions", fontsize=8)
+        ax.set_title("what each shortcut adds, on this image", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(figure)
 
 
 def run_caption_length(path):
