@@ -138,6 +138,23 @@ def _pretrain(train_config, data, path, say):
             say(f"clip step {step + 1:>5}/{c.iters}  loss {float(loss):.4f}  "
                 f"image->caption acc {float(accuracy):.2f}  elapsed {(time.time() - started) / 60:.1f} min",
                 flush=True)
-    save_clip_vision(pair.vit, path, {"config": asdict(c), "data": train_config.data,
-                                      "final_loss": float(loss), "seconds": time.time() - started})
+    save_clip_vision(pair.vit, path, {**pretraining_settings(train_config), "final_loss": float(loss),
+                                      "seconds": time.time() - started})
     return pair
+
+
+def pretraining_settings(train_config):
+    """What an encoder pretrained here depends on, as stored in (and compared with) its config.json."""
+    return json.loads(json.dumps({"config": asdict(train_config.clip), "vit": asdict(train_config.model.vit),
+                                  "data": train_config.data}))
+
+
+def check_encoder(train_config, path):
+    """An encoder this recipe pretrained earlier is reused only if made with the same settings."""
+    with open(os.path.join(path, "config.json")) as f:
+        stored = json.load(f).get("sparsecut_pretraining")
+    wanted = pretraining_settings(train_config)
+    if stored is not None and any(stored.get(key) != wanted[key] for key in wanted):
+        differing = [key for key in wanted if stored.get(key) != wanted[key]]
+        raise ValueError(f"{path} holds an encoder pretrained with other {' and '.join(differing)} "
+                         f"settings: delete it to pretrain again, or choose another --model.vit_path")

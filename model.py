@@ -98,11 +98,9 @@ class SparseCutConfig:
 
 
 def init_weights(module, embedding_std=0.02):
-    """From-scratch initialisation: Linear and Conv2d weights N(0, 1 / fan_in) (LeCun; PyTorch's
-    default scale), zero biases; embeddings N(0, 0.02). A tied output head is a Linear and gets its
-    scale. (N(0, 0.02) everywhere, Hugging Face's initializer_range, shrinks every map to
-    0.02 sqrt(fan_in) = 0.2-0.4 of its input at the tiny widths, so signals and gradients start
-    small and each attribute waited in a plateau whose length the seed decided: README, "Results".)"""
+    """From scratch: Linear/Conv2d weights N(0, 1/fan_in) (LeCun), zero biases, embeddings N(0, 0.02);
+    a tied head is the Linear. (N(0, 0.02) everywhere shrank each map to 0.2-0.4x at tiny widths,
+    and each attribute waited in a plateau whose length the seed decided: README, "Results".)"""
     if isinstance(module, (nn.Linear, nn.Conv2d)):
         nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
         if module.bias is not None:

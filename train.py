@@ -31,7 +31,7 @@ import torch
 import distributed
 from config import (CONFIGS, assign, load_run_config, lookup, named_config, parse_options, run_cli,
                     save_run_config)
-from contrastive import pretrain_encoder
+from contrastive import check_encoder, pretrain_encoder
 from data import load_tokenizer, make_data, step_batches, worker_failures
 from metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
@@ -226,11 +226,13 @@ def train(config):
     data = make_data(config, load_tokenizer(ckpt_path) if config.resume else None)
     if not config.model.llm_path:
         config.model.llm.vocab_size = data.tokenizer.get_vocab_size()
-    if config.clip.iters > 0 and not config.resume and not os.path.isdir(config.model.vit_path):
+    if config.clip.iters > 0 and not os.path.isdir(config.model.vit_path):
         if context.main:                        # the encoder once; every run sharing vit_path reuses it
             pretrain_encoder(config, data, config.model.vit_path)
         if context.world > 1:
             torch.distributed.barrier()
+    elif config.clip.iters > 0:
+        check_encoder(config, config.model.vit_path)
     metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
     model = build_model(config, device, ckpt_path).train()
     config.model = model.config                               # with the backbones' configs

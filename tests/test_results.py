@@ -1,0 +1,195 @@
+"""What the results rest on: the initialisation, the frozen-encoder recipe (contrastive
+pretraining, stage 1 then stage 2), the layer probe, the ablation command and its document,
+sample.py --show."""
+
+import json
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import train                                                      # noqa: E402
+from config import named_config, parse_options                     # noqa: E402
+from contrastive import ContrastiveConfig, ContrastivePair, save_clip_vision  # noqa: E402
+from data import make_data                                          # noqa: E402
+from model import SparseCut, init_weights                          # noqa: E402
+from probe import layer_probe                                       # noqa: E402
+from vit import ViT, ViTConfig                                      # noqa: E402
+from test_cli import ROOT, SMALL, bad, run                               # noqa: E402
+
+DOC = os.path.join(ROOT, "docs", "ablation.md")
+
+
+def test_linear_weights_are_scaled_by_fan_in():
+    layer = torch.nn.Linear(400, 300)
+    init_weights(layer)
+    assert abs(layer.weight.std().item() - 400 ** -0.5) < 0.002 and not layer.bias.any()
+    conv = torch.nn.Conv2d(3, 64, 8, 8)
+    init_weights(conv)
+    assert abs(conv.weight.std().item() - 192 ** -0.5) < 0.005
+
+
+def small_config(**fields):
+    config = named_config("tiny")
+    parse_options(config, SMALL + ["--max_iters", "3", "--log_interval", "1", "--eval_interval", "100",
+                                   "--checkpoint_interval", "100"])
+    for name, value in fields.items():
+        setattr(config, name, value)
+    return config
+
+
+def initial_state(config):
+    """The weights train.py starts from: the same seed, the same constructor."""
+    torch.manual_seed(config.seed)
+    config.model.llm.vocab_size = make_data(config).tokenizer.get_vocab_size()
+    return {k: v.clone() for k, v in SparseCut(config.model).state_dict().items()}
+
+
+@pytest.mark.parametrize("stage1_iters, llm_trains", [(3, False), (2, True)])
+def test_stage_1_trains_the_fusion_alone(tmp_path, stage1_iters, llm_trains):
+    config = small_config(stage1_iters=stage1_iters, out_dir=str(tmp_path / "run"))
+    start = initial_state(small_config())
+    model, *_ = train.train(config)
+    now = model.state_dict()
+    changed = lambda prefix: any(not torch.equal(now[k], start[k]) for k in start if k.startswith(prefix))
+    assert changed("llm.") == llm_trains
+    assert changed("fusion.") and changed("vit.")
+
+
+def test_contrastive_pretraining_learns_and_writes_a_clip_vision_model(tmp_path):
+    vit_config = ViTConfig(image_size=16, patch_size=8, width=16, n_layer=2, n_head=2, mlp_dim=32)
+    torch.manual_seed(0)
+    pair = ContrastivePair(vit_config, 40, ContrastiveConfig(embed_dim=8, text_width=16, text_layers=1))
+    pair.apply(init_weights)
+    images = torch.rand(8, 3, 32, 32)
+    input_ids = torch.randint(3, 40, (8, 6))
+    eos = torch.full((8,), 5)
+    optimizer = torch.optim.AdamW(pair.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):                                           # memorise 8 pairs
+        loss, accuracy = pair(images, input_ids, eos)
+        losses.append(float(loss.detach()))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert losses[-1] < 0.5 * losses[0] and float(accuracy) == 1.0
+    save_clip_vision(pair.vit, str(tmp_path / "clip"), {"test": True})
+    ours = ViT.from_pretrained(str(tmp_path / "clip"))
+    pixels = torch.randn(2, 3, 16, 16)
+    assert all(torch.equal(a, b) for a, b in zip(ours(pixels), pair.vit(pixels)))
+    transformers = pytest.importorskip("transformers", reason="transformers is the test oracle (requirements-dev.txt)")
+    hf = transformers.CLIPVisionModel.from_pretrained(str(tmp_path / "clip")).eval()
+    with torch.no_grad():
+        theirs = hf(pixel_values=pixels, output_hidden_states=True).hidden_states
+        for a, b in zip(theirs, pair.vit(pixels)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_frozen_pretrains_the_encoder_once_and_keeps_it_frozen(tmp_path):
+    encoder = tmp_path / "encoder"
+    args = ["--config", "tiny-frozen", *SMALL, "--max_iters", 2, "--stage1_iters", 1, "--clip.iters", 3,
+            "--clip.batch_size", 8, "--model.vit_path", encoder]
+    first = run("train.py", *args, "--out_dir", tmp_path / "a")
+    assert "pretraining the encoder" in first.stdout and "stage 2" in first.stdout
+    written = (encoder / "model.safetensors").read_bytes()
+    second = run("train.py", *args, "--out_dir", tmp_path / "b", "--seed", 2)
+    assert "pretraining the encoder" not in second.stdout
+    assert (encoder / "model.safetensors").read_bytes() == written          # reused, untouched
+    bad("train.py", *args, "--clip.iters", 4, "--out_dir", tmp_path / "c", match="holds an encoder pretrained with other config settings")
+    model = SparseCut.from_pretrained(str(tmp_path / "b" / "checkpoint"))
+    assert all(torch.equal(a, b) for a, b in zip(model.vit.state_dict().values(),
+                                                  ViT.from_pretrained(str(encoder)).state_dict().values()))
+
+
+def test_layer_probe_reads_colour_off_the_embeddings():
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=48, patch_size=8, width=32, n_layer=2, n_head=2, mlp_dim=64))
+    vit.apply(init_weights)
+    accuracies = layer_probe(vit, n_train=150, n_test=80)
+    assert set(accuracies) == {"shape", "color", "size", "texture"}
+    assert all(len(values) == 3 for values in accuracies.values())
+    assert accuracies["color"][0] > 0.9                             # a linear map of the pixels
+
+
+def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
+    args = ["--setting", "scratch", "--only", "llava", "llava (EE-MLLM-F)", "--recipe_seeds", 1,
+            "--max_iters", 2, "--probe", "false", "--out_dir", tmp_path / "out", "--doc", tmp_path / "doc" / "a.md"]
+    run("ablation.py", *args)
+    run("ablation.py", *args)                                       # read back, not retrained
+    log = (tmp_path / "out" / "scratch" / "llava" / "seed1" / "train.log").read_text()
+    assert log.count("$ ") == 1
+    check_tables((tmp_path / "doc" / "a.md").read_text(), expect={"llava", "llava (EE-MLLM-F)"})
+    assert (tmp_path / "doc" / "ablation_quality_vs_flops.png").stat().st_size > 1000
+
+
+HEADER = ["variant", "seeds", "object_f1", "exact_match", "shape", "color", "size", "texture",
+          "position", "count", "val_loss", "LLM GFLOPs/sample", "train TFLOPs", "wall s/run"]
+CELL = re.compile(r"^\d+\.\d{3}( ± \d+\.\d{3})?$")
+
+
+def result_rows(text):
+    """{(section, variant): cells} of every results table in an ablation document."""
+    rows, section, header = {}, None, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            section, header = line, None
+        elif line.startswith("| variant |"):
+            header = [c.strip() for c in line.strip("|").split("|")]
+        elif header and line.startswith("| ") and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            rows[(section, cells[0])] = cells
+        elif not line.startswith("|"):
+            header = None
+    return rows
+
+
+def check_tables(text, expect=()):
+    assert [c.strip() for c in re.search(r"^\| variant \|.*$", text, re.M).group(0).strip("|").split("|")] == HEADER
+    rows = result_rows(text)
+    assert expect <= {variant for _, variant in rows}
+    for (section, variant), cells in rows.items():
+        assert len(cells) == len(HEADER), (variant, cells)
+        assert int(cells[1]) >= 1
+        assert all(CELL.match(c) for c in cells[2:11]), (variant, cells)
+    return rows
+
+
+@pytest.mark.skipif(not os.path.isfile(DOC), reason="docs/ablation.md is written by python ablation.py")
+def test_committed_ablation_table_and_the_readme_agree():
+    text = open(DOC).read()
+    rows = check_tables(text, expect={"llava", "sparsecut", "fusion-only", "llava+shortcuts"})
+    assert any("From scratch" in s for s, _ in rows) and any("Frozen" in s for s, _ in rows)
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quoted = re.findall(r"^\| (?:scratch|frozen) \| .*$", readme, re.M)
+    assert len(quoted) >= 8, "the README quotes the ablation's rows"
+    for line in quoted:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        setting, variant, values = cells[0], cells[1], cells[2:]
+        section = next(s for s, v in rows if v == variant and s.lower().find(
+            "scratch" if setting == "scratch" else "frozen") >= 0)
+        table = rows[(section, variant)]
+        assert values == [table[HEADER.index(name)] for name in README_COLUMNS], line
+
+
+README_COLUMNS = ["seeds", "object_f1", "exact_match", "shape", "color", "texture", "LLM GFLOPs/sample", "wall s/run"]
+
+
+def test_show_draws_the_caption_and_the_shortcuts(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib draws --show (requirements-dev.txt)")
+    from PIL import Image
+    out = tmp_path / "run"
+    run("train.py", "--config", "tiny", *SMALL, "--max_iters", 1, "--out_dir", out)
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(tmp_path / "x.png")
+    result = run("sample.py", "--image", tmp_path / "x.png", "--checkpoint", out, "--show", tmp_path / "s.png")
+    assert "wrote" in result.stdout
+    with Image.open(tmp_path / "s.png") as picture:
+        assert picture.size[0] > 600                              # image + the shortcut panel
+    model = SparseCut.from_pretrained(str(out / "checkpoint"))
+    from sample import shortcut_shares
+    shares = shortcut_shares(model, torch.rand(1, 3, 32, 32), torch.tensor([[1, 5, 6]]))
+    assert [(v, l) for v, l, _ in shares] == model.fusion.plan
+    assert all(share > 0 for _, _, share in shares)
