@@ -288,6 +288,15 @@ def write_doc(options, argv, results, probe, images, skipped, seconds):
         parts += ["", f"## {titles[setting]}", "", table(rows)]
     if skipped:
         parts += ["", "Not run: " + "; ".join(skipped) + "."]
+    parts += ["", "## Per seed", "", "Every run of a row with more than one seed (test split).", "",
+              "| setting | variant | seed | " + " | ".join(m.removesuffix("_acc") for m in METRICS) + " |",
+              "|" + "---|" * (3 + len(METRICS))]
+    for setting, rows in results.items():
+        for row in rows:
+            if len(row["records"]) > 1 and row["trained"]:
+                parts += [f"| {setting} | {row['variant']} | {seed} | " +
+                          " | ".join(f"{record['metrics'][m]:.3f}" for m in METRICS) + " |"
+                          for seed, record in enumerate(row["records"], 1)]
     if probe:
         parts += ["", "## Layer probe", "",
                   "Linear probe of each ViT layer's high-res tokens at the centre of each object "

@@ -37,9 +37,22 @@ def test_fields_by_dotted_path_or_a_tail_that_names_one_field():
     assert config.inner.width == 32
 
 
-def test_a_name_that_could_mean_two_fields_is_an_error():
-    with pytest.raises(ValueError, match="--seed could mean --inner.seed or --seed"):
-        parse_options(Outer(), ["--seed", "5"])
+@dataclass
+class Twice:
+    a: Inner = field(default_factory=Inner)
+    b: Inner = field(default_factory=Inner)
+    seed: int = 1
+
+
+def test_a_full_path_wins_and_a_tail_that_could_mean_two_fields_is_an_error():
+    config = Outer()
+    parse_options(config, ["--seed", "5"])                     # the full path of the top-level seed
+    assert config.seed == 5 and config.inner.seed == 0
+    with pytest.raises(ValueError, match="--width could mean --a.width or --b.width"):
+        parse_options(Twice(), ["--width", "5"])
+    config = Twice()
+    parse_options(config, ["--seed", "7", "--b.seed", "3"])
+    assert (config.seed, config.a.seed, config.b.seed) == (7, 0, 3)
 
 
 def test_values_by_the_fields_type():
