@@ -23,8 +23,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from data import batch_captions, encode
 from fusion import resize
 from llm import LLM, LLMConfig
+from model import init_weights
 from vit import ViT
 from weights import atomic_directory
 
@@ -107,7 +109,6 @@ def pretrain_encoder(train_config, data, path, say=print):
 
 
 def _pretrain(train_config, data, path, say):
-    from model import init_weights                    # the from-scratch initialisation of every run
     c, m = train_config.clip, train_config.model
     pair = ContrastivePair(m.vit, data.tokenizer.get_vocab_size(), c)
     pair.apply(init_weights)
@@ -124,11 +125,8 @@ def _pretrain(train_config, data, path, say):
         for group in optimizer.param_groups:
             group["lr"] = lr
         images, captions = stream.batch(step)
-        ids = [[m.bos_id] + data.tokenizer.encode(t, add_special_tokens=False).ids + [m.eos_id]
-               for t in captions]
-        input_ids = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
-        for i, row in enumerate(ids):
-            input_ids[i, :len(row)] = torch.tensor(row)
+        ids = [encode(data.tokenizer, caption, m.bos_id, m.eos_id) for caption in captions]
+        input_ids, _ = batch_captions(ids, max(map(len, ids)))                # (B, T), right-padded
         loss, accuracy = pair(images, input_ids, torch.tensor([len(row) - 1 for row in ids]))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(pair.parameters(), 1.0)
