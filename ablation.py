@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, field
 
 from config import check_device, named_config, parse_options, run_cli
+from data import make_data
 from metrics import closed_form_flops
 from model import SparseCut
 
@@ -69,6 +70,10 @@ class AblationOptions:
     probe: bool = True                # the layer probe of the frozen encoder (and a scratch sparsecut's)
 
 
+class RunFailed(ValueError):
+    """A train/eval process of the study failed: one line naming its log (run_cli prints it)."""
+
+
 def run(command, log_path):
     """One train/eval process, its output kept in log_path; a failure names the log."""
     with open(log_path, "a") as log:
@@ -77,7 +82,7 @@ def run(command, log_path):
         started = time.time()
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}); see {log_path}")
+        raise RunFailed(f"{' '.join(command)} failed (exit {done.returncode}); see {log_path}")
     return time.time() - started
 
 
@@ -100,11 +105,7 @@ def train_run(options, setting, variant, seed):
     command += ["--resume", "true"] if resumable else ["--overwrite", "true"]
     made_encoder = setting == "frozen" and not os.path.isdir(encoder)
     print(f"{setting:>7} {variant:<22} seed {seed}: training ...", end="", flush=True)
-    previous = 0.0
-    if os.path.isfile(record_path):                             # an interrupted run's time so far
-        with open(record_path) as f:
-            previous = json.load(f).get("wall_s", 0.0)
-    wall = previous + run(command, os.path.join(run_dir, "train.log"))
+    wall = run(command, os.path.join(run_dir, "train.log"))    # (of the attempt that finishes it)
     if made_encoder:                                            # the shared encoder is not this run's time
         with open(os.path.join(encoder, "config.json")) as f:
             wall -= json.load(f)["sparsecut_pretraining"]["seconds"]
@@ -131,7 +132,7 @@ def flops_of(setting, variant):
     """Closed-form forward FLOPs per sample of the variant's model ({vision, fusion, llm})."""
     config = named_config(SETTINGS[setting])
     parse_options(config, [a for a in VARIANTS[variant]])
-    config.model.llm.vocab_size = 64                            # the Shapes vocabulary's order
+    config.model.llm.vocab_size = make_data(config).tokenizer.get_vocab_size()    # the Shapes words
     return closed_form_flops(config.model, CAPTION_TOKENS), config
 
 
