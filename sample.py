@@ -81,6 +81,7 @@ def main(argv):
         print(f"wrote {options.show}")
 
 
+@torch.no_grad()
 def shortcut_shares(model, images, input_ids):
     """[(vit_layer, llm_layer, share)]: per shortcut, the mean over image positions of
     |added features| / |hidden state before the addition|, on these images."""

@@ -26,8 +26,15 @@ def launch(out, nproc, *args):
 
 
 def assert_same_weights(a, b):
+    """Equal to round-off, except the ViT's key biases: adding b to every key adds q.b to every
+    score of a query, which the softmax ignores, so their true gradient is 0 and AdamW turns the
+    round-off left in it into steps of up to lr. Those are only checked to stay within that bound
+    (3 steps at lr 1e-2 from 0)."""
     assert a.keys() == b.keys()
     for name in a:
+        if name.endswith("self_attn.k_proj.bias"):
+            assert a[name].abs().max() <= 3e-2 and b[name].abs().max() <= 3e-2, name
+            continue
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
