@@ -8,7 +8,7 @@ is the paper's setting at tiny scale (`--config tiny-frozen`: one CLIP-style enc
 once into OUT/frozen/encoder and shared by every run, frozen; stage 1 fusion only, stage 2 with
 the LLM). Each run is a `python train.py` process writing OUT/SETTING/VARIANT/seedS; a run whose
 eval.json exists is not run again and an interrupted one is resumed, so the study picks up where
-it stopped. EE-MLLM-F rows evaluate the causal llava / sparsecut checkpoints with composite
+it stopped (`--report true` trains nothing and tabulates the runs done so far). EE-MLLM-F rows evaluate the causal llava / sparsecut checkpoints with composite
 attention switched on (`eval.py --attention composite`). From scratch, llava and sparsecut get
 `--recipe_seeds` seeds (the tiny recipe's own check), the other core variants (CORE) `--seeds`, the
 rest `--other_seeds`; in the frozen setting CORE gets `--seeds`. Writes `--doc` (docs/ablation.md), its plots beside it
@@ -68,6 +68,7 @@ class AblationOptions:
     out_dir: str = "out/ablation"
     doc: str = "docs/ablation.md"
     probe: bool = True                # the layer probe of the frozen encoder (and a scratch sparsecut's)
+    report: bool = False              # train nothing: the table of the runs done so far, the rest listed
 
 
 class RunFailed(ValueError):
@@ -93,6 +94,8 @@ def train_run(options, setting, variant, seed):
     if os.path.isfile(os.path.join(run_dir, "eval.json")) and os.path.isfile(record_path):
         with open(record_path) as f:
             return json.load(f)
+    if options.report:
+        return None
     os.makedirs(run_dir, exist_ok=True)
     encoder = os.path.join(options.out_dir, "frozen", "encoder")
     command = [sys.executable, os.path.join(HERE, "train.py"), "--config", SETTINGS[setting], "--out_dir", run_dir,
@@ -246,11 +249,14 @@ def main(argv):
                 n_seeds = options.recipe_seeds
             records = []
             for seed in range(1, n_seeds + 1):
-                if variant in TRAINING_FREE:
-                    train_run(options, setting, causal, seed)
-                    records.append(training_free_run(options, setting, causal, seed))
-                else:
-                    records.append(train_run(options, setting, variant, seed))
+                record = train_run(options, setting, causal, seed)
+                if record is not None and variant in TRAINING_FREE:
+                    record = training_free_run(options, setting, causal, seed)
+                records += [record] if record is not None else []
+            if len(records) < n_seeds:
+                skipped.append(f"{variant} ({setting}): {n_seeds - len(records)} of {n_seeds} seed(s) not run yet")
+            if not records:
+                continue
             flops, _ = flops_of(setting, causal)
             if variant in TRAINING_FREE:
                 composite, _ = flops_of(setting, "llava+composite" if causal == "llava" else "sparsecut+composite")

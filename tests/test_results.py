@@ -124,6 +124,12 @@ def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
     assert log.count("$ ") == 1
     check_tables((tmp_path / "doc" / "a.md").read_text(), expect={"llava", "llava (EE-MLLM-F)"})
     assert (tmp_path / "doc" / "ablation_quality_vs_flops.png").stat().st_size > 1000
+    report = [a if a != "llava (EE-MLLM-F)" else "concat" for a in args] + ["--report", "true"]
+    run("ablation.py", *report)                                     # trains nothing, lists the rest
+    text = (tmp_path / "doc" / "a.md").read_text()
+    assert "concat (scratch): 1 of 1 seed(s) not run yet" in text
+    assert not (tmp_path / "out" / "scratch" / "concat").exists()
+    check_tables(text, expect={"llava"})
 
 
 HEADER = ["variant", "seeds", "object_f1", "exact_match", "shape", "color", "size", "texture",
