@@ -13,19 +13,32 @@
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 from dataclasses import dataclass, field
 
 import torch
 
-from contrastive import ContrastiveConfig
 from llm import LLMConfig
 from model import SparseCutConfig
 from vit import ViTConfig
 from weights import CheckpointError
 
 RUN_CONFIG = "train_config.json"
+
+
+@dataclass
+class ContrastiveConfig:
+    """CLIP-style pretraining of the encoder before a run (contrastive.py; tiny-frozen)."""
+    iters: int = 0                    # 0: no pretraining (the encoder comes from vit_path or trains end to end)
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_iters: int = 50
+    embed_dim: int = 64               # the shared image-text embedding
+    text_width: int = 64
+    text_layers: int = 2
+    seed: int = 0                     # one encoder for every run that shares vit_path
 
 
 @dataclass
@@ -96,6 +109,15 @@ class TrainConfig:
         d["model"] = SparseCutConfig.from_dict(d.get("model", {}))
         d["clip"] = ContrastiveConfig(**d.get("clip", {}))
         return cls(**d)
+
+
+def cosine_schedule(step, peak, warmup, total, min_ratio=0.0):
+    """Linear warmup to peak, then cosine decay to min_ratio * peak at step `total`."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    floor = min_ratio * peak
+    return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
 def check_device(name):

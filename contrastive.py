@@ -16,13 +16,14 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from config import cosine_schedule
 from data import batch_captions, encode
 from fusion import resize
 from llm import LLM, LLMConfig
@@ -31,18 +32,6 @@ from vit import ViT
 from weights import atomic_directory
 
 PRETRAIN_SEED = 900_001               # the encoder's images are not the runs' training images
-
-
-@dataclass
-class ContrastiveConfig:
-    iters: int = 0                    # 0: no pretraining (the encoder comes from vit_path or trains end to end)
-    batch_size: int = 128
-    lr: float = 2e-3
-    warmup_iters: int = 50
-    embed_dim: int = 64               # the shared image-text embedding
-    text_width: int = 64
-    text_layers: int = 2
-    seed: int = 0                     # one encoder for every run that shares vit_path
 
 
 class ContrastivePair(nn.Module):
@@ -120,10 +109,8 @@ def _pretrain(train_config, data, path, say):
     say(f"pretraining the encoder contrastively (CLIP-style, low-res view): {c.iters} steps of "
         f"{c.batch_size}, into {path}", flush=True)
     for step in range(c.iters):
-        progress = max(0, step - c.warmup_iters) / max(1, c.iters - c.warmup_iters)
-        lr = c.lr * min(1, (step + 1) / max(1, c.warmup_iters)) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = cosine_schedule(step, c.lr, c.warmup_iters, c.iters)
         images, captions = stream.batch(step)
         ids = [encode(data.tokenizer, caption, m.bos_id, m.eos_id) for caption in captions]
         input_ids, _ = batch_captions(ids, max(map(len, ids)))                # (B, T), right-padded

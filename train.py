@@ -29,8 +29,8 @@ import time
 import torch
 
 import distributed
-from config import (CONFIGS, assign, load_run_config, lookup, named_config, parse_options, run_cli,
-                    save_run_config)
+from config import (CONFIGS, assign, cosine_schedule, load_run_config, lookup, named_config, parse_options,
+                    run_cli, save_run_config)
 from contrastive import check_encoder, pretrain_encoder
 from data import load_tokenizer, make_data, step_batches, worker_failures
 from metrics import evaluate, evaluate_run, print_table, split_loss
@@ -86,12 +86,7 @@ def resumed_config(config, given, name):
 # --- training ----------------------------------------------------------------------------------
 
 def learning_rate(config, step):
-    """Linear warmup, then cosine decay to min_lr_ratio * lr."""
-    if step < config.warmup_iters:
-        return config.lr * (step + 1) / config.warmup_iters
-    progress = (step - config.warmup_iters) / max(1, config.max_iters - config.warmup_iters)
-    floor = config.min_lr_ratio * config.lr
-    return floor + 0.5 * (config.lr - floor) * (1 + math.cos(math.pi * min(1.0, progress)))
+    return cosine_schedule(step, config.lr, config.warmup_iters, config.max_iters, config.min_lr_ratio)
 
 
 def apply_freeze(model, freeze):
