@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from conversation import TEMPLATES
 from llm import LLMConfig
 from model import SparseCutConfig
 from vit import ViTConfig
@@ -70,7 +71,8 @@ class TrainConfig:
     checkpoint_interval: int = 300
     n_val: int = 256
     n_test: int = 500
-    max_caption_tokens: int = 40      # BOS + caption + EOS; generation stops one short of it
+    max_caption_tokens: int = 40      # longest answer (caption) + its end; generation stops one short of it
+    context_length: int = 256         # longest sequence, image tokens included (longer samples are cut)
     resume: bool = False
     overwrite: bool = False           # a new run may replace the run already in out_dir
     config_name: str = "tiny"         # the named config this run started from
@@ -90,6 +92,11 @@ class TrainConfig:
                                ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")):
             if not ok:                                            # (NaN fails every rule)
                 raise ValueError(f"--{name} must be {rule}, not {getattr(self, name)}")
+        if self.model.template not in TEMPLATES:
+            raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, not {self.model.template!r}")
+        if self.context_length <= self.model.n_image_tokens + 2:
+            raise ValueError(f"--context_length {self.context_length} leaves no room for text beside the "
+                             f"{self.model.n_image_tokens} image tokens")
         if self.max_caption_tokens < 2:
             raise ValueError(f"--max_caption_tokens must be at least 2 (BOS and EOS), not {self.max_caption_tokens}")
         for name, allowed in (("dtype", ("auto", "float32", "bfloat16")), ("compile", ("auto", "on", "off"))):
@@ -131,10 +138,11 @@ def check_device(name):
 
 
 def tiny():
-    """The embedded default: a CPU captioner on Shapes in minutes."""
+    """The embedded default: a CPU captioner and question answerer on Shapes in minutes (each
+    sample a chatml conversation: its caption and one question, in random order)."""
     return TrainConfig(model=SparseCutConfig(
         vit=ViTConfig(image_size=48, patch_size=8, width=96, n_layer=4, n_head=4, mlp_dim=384),
-        llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384)))
+        llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384), template="chatml"))
 
 
 def tiny_frozen():
@@ -151,8 +159,9 @@ def tiny_frozen():
 def llava15_7b():
     """The paper's setting at 7B: CLIP ViT-L/14-336 + Vicuna-7B v1.5, shortcuts scaled from the
     released 13B lists to 24 ViT / 32 LLM layers ((1, 3), (4, 7), ..., (22, 31)). These are the
-    stage-1 settings (fusion only, lr 1e-3, LCS-558K); stage 2 adds
-    `--freeze vit --lr 2e-5 --init_from out/llava15-7b --data data/llava-665k --out_dir out/llava15-7b-s2`.
+    stage-1 settings (fusion only, lr 1e-3, LCS-558K, template plain); stage 2 (LLaVA-665K
+    conversations, vicuna_v1) adds `--freeze vit --lr 2e-5 --template vicuna_v1 --init_from
+    out/llava15-7b --data data/llava-665k --out_dir out/llava15-7b-s2`.
     Global batch 256 as in LLaVA-1.5 (16 per GPU x 2 accumulation x 8 GPUs), 3% warmup, cosine."""
     return TrainConfig(
         model=SparseCutConfig(vit_path="checkpoints/clip-vit-large-patch14-336",
@@ -160,7 +169,7 @@ def llava15_7b():
         data="data/llava-pretrain", out_dir="out/llava15-7b", device="cuda", batch_size=16,
         grad_accum=2, max_iters=2180, lr=1e-3, warmup_iters=65, weight_decay=0.0,
         freeze="vit,llm", fsdp=True, activation_checkpointing=True, log_interval=10,
-        eval_interval=500, checkpoint_interval=500, max_caption_tokens=128)
+        eval_interval=500, checkpoint_interval=500, max_caption_tokens=128, context_length=2048)
 
 
 def smol():

@@ -67,7 +67,7 @@ class ContrastivePair(nn.Module):
 
 
 def hf_clip_vision_key(name):
-    """Our ViT tensor name -> the Hugging Face CLIPVisionModel name (the inverse of vit.hf_vit_key)."""
+    """Our ViT tensor name -> the Hugging Face CLIPVisionModel name (the inverse of hf.vit_key)."""
     name = name.replace("layers.", "encoder.layers.").replace("pre_layernorm.", "pre_layrnorm.")
     return "vision_model." + name
 
@@ -111,7 +111,8 @@ def _pretrain(train_config, data, path, say):
     for step in range(c.iters):
         for group in optimizer.param_groups:
             group["lr"] = cosine_schedule(step, c.lr, c.warmup_iters, c.iters)
-        images, captions = stream.batch(step)
+        images, samples = stream.batch(step)
+        captions = [sample.caption for sample in samples]
         ids = [encode(data.tokenizer, caption, m.bos_id, m.eos_id) for caption in captions]
         input_ids, _ = batch_captions(ids, max(map(len, ids)))                # (B, T), right-padded
         loss, accuracy = pair(images, input_ids, torch.tensor([len(row) - 1 for row in ids]))

@@ -15,9 +15,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from shapes import shapes_split, shapes_vocabulary
+import random
+from dataclasses import dataclass
+
+from conversation import IMAGE, SPECIAL_TEXT, TEMPLATES, ConversationError, check_turns, render, tokenize
+from shapes import (CAPTION_REQUEST, QUESTION_TYPES, parse_caption, question_about, question_vocabulary,
+                    shapes_split, shapes_vocabulary)
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]           # ids 0, 1, 2, 3
+TEMPLATE_TOKENS = list(SPECIAL_TEXT)                             # ids 4.. (conversation.py)
 
 
 # --- tokenizer --------------------------------------------------------------------------------
@@ -25,13 +31,13 @@ SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]           # ids 0, 1, 2, 3
 def build_tokenizer(words):
     """A word-level tokenizer (lower-cased, punctuation split off) from the `tokenizers` package."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + TEMPLATE_TOKENS)}
     for word in words:
         vocab.setdefault(word, len(vocab))
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.add_special_tokens(SPECIAL_TOKENS)                  # same ids; skipped by decode
+    tokenizer.add_special_tokens(SPECIAL_TOKENS + TEMPLATE_TOKENS)  # same ids; skipped by decode
     return tokenizer
 
 
@@ -113,26 +119,45 @@ def load_image(path, size=None):
     return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255
 
 
-def read_caption_pairs(folder):
-    """(image path, caption) pairs from a folder holding one caption file in any supported format:
-    COCO captions JSON, CSV/TSV `image,caption`, JSONL `{"image", "caption"}`, or LLaVA
-    conversation JSON (the first assistant turn is the caption)."""
+@dataclass
+class Sample:
+    """One training or evaluation sample: a conversation (conversation.py) about an image (or
+    none), and the caption that reference metrics and contrastive pretraining use."""
+    turns: list
+    caption: str
+    has_image: bool = True
+
+
+def caption_turns(caption, request=CAPTION_REQUEST):
+    """A caption as a conversation: the user asks for it, the assistant gives it."""
+    return [{"from": "human", "value": f"{IMAGE}\n{request}"}, {"from": "gpt", "value": caption}]
+
+
+def read_samples(folder):
+    """(image path or None, Sample) of a folder holding caption or conversation files in any
+    supported format: COCO captions JSON, CSV/TSV `image,caption`, JSONL `{"image", "caption"}`,
+    or LLaVA conversation JSON (LLaVA-665K, LCS-558K; records without an image are text-only)."""
     if not os.path.isdir(folder):
         raise DataError(f"data folder {folder} does not exist")
     files = sorted(f for f in os.listdir(folder) if f.endswith((".json", ".jsonl", ".csv", ".tsv")))
     if not files:
         raise DataError(f"{folder} has no caption file (.json COCO/LLaVA, .jsonl, .csv or .tsv)")
-    pairs = []
+    records = []
     for name in files:
-        pairs += parse_caption_file(os.path.join(folder, name))
-    if not pairs:
+        records += parse_caption_file(os.path.join(folder, name))
+    if not records:
         raise DataError(f"{folder}: the caption files hold no captions")
-    pairs = [(os.path.join(folder, image), caption) for image, caption in pairs]
-    missing = [image for image, _ in pairs if not os.path.isfile(image)]
-    if len(missing) > tolerated_bad(len(pairs)):      # a few are skipped like unreadable ones
-        raise DataError(f"{folder}: {len(missing)} of {len(pairs)} captioned images are missing, "
+    records = [(os.path.join(folder, image) if image is not None else None, sample) for image, sample in records]
+    missing = [image for image, _ in records if image is not None and not os.path.isfile(image)]
+    if len(missing) > tolerated_bad(len(records)):      # a few are skipped like unreadable ones
+        raise DataError(f"{folder}: {len(missing)} of {len(records)} captioned images are missing, "
                         f"e.g. {missing[:3]}")
-    return pairs
+    return records
+
+
+def read_caption_pairs(folder):
+    """(image path, caption) of the folder's records that have an image."""
+    return [(image, sample.caption) for image, sample in read_samples(folder) if image is not None]
 
 
 def tolerated_bad(n_images):
@@ -172,15 +197,24 @@ def json_array(f, chunk_size=1 << 20):
         yield record
 
 
-def llava_pairs(records, path):
-    """(image, first assistant answer) of LLaVA conversation records that have an image."""
+def llava_samples(records, path):
+    """(image or None, Sample) of LLaVA conversation records, checked turn by turn."""
     for i, record in enumerate(records):
-        if not isinstance(record, dict) or "image" not in record:
-            continue
-        answers = [field(turn, "value", f"{path} [{i}] conversations") for turn in
-                   field(record, "conversations", f"{path} [{i}]") if turn.get("from") in ("gpt", "assistant")]
+        where = f"{path} [{i}]"
+        if not isinstance(record, dict):
+            raise DataError(f"{where} is not a record (a JSON object with conversations)")
+        image = record.get("image")
+        try:
+            _, turns = check_turns(field(record, "conversations", where), image is not None, where)
+        except ConversationError as error:
+            raise DataError(str(error)) from None
+        answers = [text for role, text in turns if role == "assistant"]
         if answers:
-            yield record["image"], answers[0].strip()
+            yield image, Sample(record["conversations"], answers[0].strip(), image is not None)
+
+
+def pairs_to_samples(pairs):
+    return [(image, Sample(caption_turns(caption), caption)) for image, caption in pairs]
 
 
 def parse_caption_file(path):
@@ -190,15 +224,15 @@ def parse_caption_file(path):
                 rows = list(csv.reader(f, delimiter="\t" if path.endswith(".tsv") else ","))
                 if rows and [c.strip().lower() for c in rows[0][:2]] == ["image", "caption"]:
                     rows = rows[1:]
-                return [(row[0].strip(), row[1].strip()) for row in rows if len(row) >= 2]
+                return pairs_to_samples([(row[0].strip(), row[1].strip()) for row in rows if len(row) >= 2])
             if path.endswith(".jsonl"):
                 records = [(n, json.loads(line)) for n, line in enumerate(f, 1) if line.strip()]
-                return [(field(r, "image", f"{path} line {n}"), field(r, "caption", f"{path} line {n}"))
-                        for n, r in records]
+                return pairs_to_samples([(field(r, "image", f"{path} line {n}"),
+                                          str(field(r, "caption", f"{path} line {n}")).strip()) for n, r in records])
             opening = f.read(4096).lstrip()[:1]
             f.seek(0)
             if opening == "[":                                    # LLaVA conversations, streamed
-                return list(llava_pairs(json_array(f), path))
+                return list(llava_samples(json_array(f), path))
             data = json.load(f)
     except json.JSONDecodeError as error:
         raise DataError(f"{path} is not valid JSON ({error})") from None
@@ -214,11 +248,32 @@ def parse_caption_file(path):
             if image_id not in files:
                 raise DataError(f"{where}: image_id {image_id} is not in the file's images")
             pairs.append((files[image_id], str(field(a, "caption", where)).strip()))
-        return pairs
+        return pairs_to_samples(pairs)
     raise DataError(f"{path} is neither COCO captions JSON nor LLaVA conversation JSON")
 
 
 # --- data --------------------------------------------------------------------------------------
+
+def template_words():
+    """The words of every template's fixed text (system prompts, role names), for word-level vocabularies."""
+    texts = [t.system + t.user + t.assistant for t in TEMPLATES.values()]
+    return [w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.replace("{}", " ").lower())]
+
+
+def shapes_turns(caption, rng, template):
+    """A Shapes training conversation: the caption and one question of a random type, in random
+    order, the image in the first user turn (`plain`: the caption alone)."""
+    if template == "plain":
+        return caption_turns(caption)
+    objects, _ = parse_caption(caption)
+    exchanges = [(CAPTION_REQUEST, caption), question_about(objects, rng.choice(QUESTION_TYPES), rng)]
+    rng.shuffle(exchanges)
+    turns = []
+    for k, (question, answer) in enumerate(exchanges):
+        turns += [{"from": "human", "value": f"{IMAGE}\n{question}" if k == 0 else question},
+                  {"from": "gpt", "value": answer}]
+    return turns
+
 
 class ShapesData:
     """Fresh Shapes images every step, deterministic in (seed, step): resuming at a step
@@ -226,56 +281,63 @@ class ShapesData:
 
     def __init__(self, config, tokenizer=None):
         self.config = config
-        self.tokenizer = tokenizer or build_tokenizer(shapes_vocabulary())
-        self._cached = (None, None, None)                         # (step, parts), images, captions
+        self.tokenizer = tokenizer or build_tokenizer(shapes_vocabulary() + question_vocabulary() + template_words())
+        self._cached = (None, None, None)                         # (step, parts), images, samples
+
+    def samples(self, captions, seed):
+        rng = random.Random(seed)
+        return [Sample(shapes_turns(c, rng, self.config.model.template), c) for c in captions]
 
     def batch(self, step, part=0, parts=1):
         """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step.
         The global batch is generated once per step and cut for the micro-batches and ranks."""
         if self._cached[0] != (step, parts):
-            images, captions = shapes_split("train", self.config.batch_size * parts,
-                                            seed=self.config.seed * 1_000_003 + step)
-            self._cached = ((step, parts), to_tensor(images), captions)
-        _, images, captions = self._cached
+            seed = self.config.seed * 1_000_003 + step
+            images, captions = shapes_split("train", self.config.batch_size * parts, seed=seed)
+            self._cached = ((step, parts), to_tensor(images), self.samples(captions, seed))
+        _, images, samples = self._cached
         rows = slice(part * self.config.batch_size, (part + 1) * self.config.batch_size)
-        return images[rows], captions[rows]
+        return images[rows], samples[rows]
 
     def split(self, name, n):
         images, captions = shapes_split(name, n)
-        return to_tensor(images), captions
+        return to_tensor(images), self.samples(captions, len(name))
 
 
 class FolderData:
-    """A folder of captioned images: 90/5/5 train/val/test split, shuffled each epoch by seed.
-    An unreadable image is skipped (one warning line naming it; the next image takes its place);
-    more than `tolerated_bad` of them stop the run."""
+    """A folder of captioned images or conversations: 90/5/5 train/val/test split, shuffled each
+    epoch by seed. An unreadable image is skipped (one warning line naming it; the next sample
+    takes its place); more than `tolerated_bad` of them stop the run. Text-only records get a
+    blank image, which their tokens never see (conversation_tokens)."""
 
     def __init__(self, config, tokenizer=None):
         self.config = config
-        pairs = read_caption_pairs(config.data)
-        order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(config.seed))
-        pairs = [pairs[i] for i in order]
-        n_held = max(1, len(pairs) // 20)
-        self.splits = {"test": pairs[:n_held], "val": pairs[n_held:2 * n_held],
-                       "train": pairs[2 * n_held:] or pairs}
-        self.tokenizer = tokenizer or tokenizer_for_captions([c for _, c in self.splits["train"]])
+        records = read_samples(config.data)
+        order = torch.randperm(len(records), generator=torch.Generator().manual_seed(config.seed))
+        records = [records[i] for i in order]
+        n_held = max(1, len(records) // 20)
+        self.splits = {"test": records[:n_held], "val": records[n_held:2 * n_held],
+                       "train": records[2 * n_held:] or records}
+        texts = [turn["value"] for _, sample in self.splits["train"] for turn in sample.turns]
+        self.tokenizer = tokenizer or tokenizer_for_captions(texts + [" ".join(template_words())])
         self.size = 2 * config.model.vit.image_size
-        self.n_images, self.skipped = len(pairs), {}            # path -> why
+        self.n_images, self.skipped = len(records), {}          # path -> why
 
-    def load(self, pairs, n):
-        """The first n readable images of pairs (an iterable), and their captions."""
-        images, captions = [], []
-        for path, caption in pairs:
+    def load(self, records, n):
+        """The first n usable samples of records (an iterable), and their images."""
+        images, samples = [], []
+        for path, sample in records:
             if len(images) == n:
                 break
             try:
-                images.append(load_image(path, self.size))
-                captions.append(caption)
+                images.append(load_image(path, self.size) if path is not None else
+                              torch.zeros(3, self.size, self.size))
+                samples.append(sample)
             except DataError as error:
                 self.skip(path, error)
         if not images:
             raise DataError(f"{self.config.data}: no readable image to load")
-        return torch.stack(images), captions
+        return torch.stack(images), samples
 
     def skip(self, path, error):
         if path in self.skipped:
@@ -308,11 +370,35 @@ def make_data(config, tokenizer=None):
     return (ShapesData if config.data == "shapes" else FolderData)(config, tokenizer)
 
 
-def caption_tokens(data, captions, config):
-    """input_ids and labels (B, T) of captions, framed by the model's BOS and EOS."""
+def sample_tokens(tokenizer, sample, config, for_generation=False):
+    """(input_ids, labels) of one sample in the run's template, the image a run of image ids.
+    A text-only sample gets its image run after its text, where causal attention hides it."""
     m = config.model
-    return batch_captions([encode(data.tokenizer, c, m.bos_id, m.eos_id) for c in captions],
-                          config.max_caption_tokens)
+    try:
+        pieces = render(sample.turns, m.template, sample.has_image, for_generation)
+    except ConversationError as error:
+        raise DataError(str(error)) from None
+    ids, labels = tokenize(pieces, tokenizer, m.template, m.n_image_tokens, m.image_token_id, m.bos_id, m.eos_id)
+    if not sample.has_image:
+        ids, labels = ids + [m.image_token_id] * m.n_image_tokens, labels + [-100] * m.n_image_tokens
+    if len(ids) > config.context_length:
+        if for_generation or m.image_token_id in ids[config.context_length:]:
+            raise DataError(f"a {'prompt' if for_generation else 'sample'} of {len(ids)} tokens (the image "
+                            f"counts {m.n_image_tokens}) does not fit the context of {config.context_length}: "
+                            "shorten it or raise --context_length")
+        ids, labels = ids[:config.context_length], labels[:config.context_length]   # as LLaVA truncates
+    return ids, labels
+
+
+def conversation_tokens(tokenizer, samples, config):
+    """input_ids and labels (B, T) of samples, right-padded (labels -100 on padding)."""
+    rows = [sample_tokens(tokenizer, sample, config) for sample in samples]
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), config.model.pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    for i, (ids, row_labels) in enumerate(rows):
+        input_ids[i, :len(ids)], labels[i, :len(ids)] = torch.tensor(ids), torch.tensor(row_labels)
+    return input_ids, labels
 
 
 # --- the loader: each step's batches prepared in worker processes ------------------------------
@@ -337,8 +423,8 @@ class StepBatches(torch.utils.data.Dataset):
         try:
             batches = []
             for micro in range(self.config.grad_accum):
-                images, captions = self.data.batch(step, micro * self.world + self.rank, parts)
-                batches.append((images, *caption_tokens(self.data, captions, self.config)))
+                images, samples = self.data.batch(step, micro * self.world + self.rank, parts)
+                batches.append((images, *conversation_tokens(self.data.tokenizer, samples, self.config)))
             return batches, dict(getattr(self.data, "skipped", {}))
         except DataError as error:
             return error, {}

@@ -7,12 +7,14 @@ or untied output head. Two additions serve the multimodal models:
 - `injections={llm_layer: (B, N, D)}` adds a tensor at the image positions just before that layer
   runs (SparseCut's sparse shortcuts, paper section 3.3).
 - `attention="composite"` is EE-MLLM's composite attention (arXiv 2408.11795, section 3): visual
-  tokens issue no queries; text queries see every visual key and the earlier text; each visual
+  tokens issue no queries; text queries see the earlier text and, once the image has come, every
+  visual key (causal order: a system prompt before the image does not see it); each visual
   token is updated by the parameter-free aligner h_v + W_o W_v norm(h_v) (attention of a token to
   itself alone), then by the layer's FFN unless `visual_ffn=False`.
 
-The image occupies one contiguous span of positions, `image_span=(start, end)`, the same in every
-row of the batch.
+The image occupies one contiguous run of positions in each row, `image_span=(start, end)`: start
+an int (the same in every row) or a (B,) tensor (its own in each row, e.g. after left padding);
+end - start visual tokens in every row.
 """
 
 import functools
@@ -24,7 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from weights import CheckpointError, load_weights, read_config
+import hf
+from weights import load_weights, read_config
 
 
 @dataclass
@@ -108,6 +111,31 @@ class KVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
 
+def take_rows(t, index, dim=1):
+    """t's rows at index (B, n) along dim (1 for (B, T, D), 2 for (B|1, h, T, X)) -> (B, ..., n, ...)."""
+    if dim == 1:
+        return t.gather(1, index[..., None].expand(-1, -1, t.shape[-1]))
+    t = t.expand(index.shape[0], *t.shape[1:])
+    return t.gather(2, index[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[-1]))
+
+
+def put_rows(t, index, rows):
+    """t (B, T, D) with its rows at index (B, n) replaced by rows (B, n, D); not in place."""
+    return t.scatter(1, index[..., None].expand(-1, -1, t.shape[-1]), rows)
+
+
+def image_rows(image_span, batch, length, device):
+    """image_span (start, end) -> image_index (B, N) and text_index (B, T - N), positions in the
+    chunk; start an int or a (B,) tensor of per-row starts."""
+    start, end = image_span
+    n = int(end - start) if not torch.is_tensor(end) else int((end - start).flatten()[0])
+    start = torch.as_tensor(start, device=device).reshape(-1, 1).expand(batch, 1)
+    image_index = start + torch.arange(n, device=device)                # (B, N)
+    is_image = torch.zeros(batch, length, dtype=torch.bool, device=device).scatter(1, image_index, True)
+    text_index = (~is_image).nonzero()[:, 1].view(batch, length - n)    # (B, T - N), in order
+    return image_index, text_index
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary positions, through scaled_dot_product_attention."""
 
@@ -153,24 +181,23 @@ class Attention(nn.Module):
                                            is_causal=mask is None and square)
         return self.merge(y)
 
-    def composite(self, x, cos, sin, mask, cache, image_span):
+    def composite(self, x, cos, sin, mask, cache, rows):
         """EE-MLLM composite attention: only text rows issue queries; visual rows get the aligner.
+        rows: (image_index (B, N), text_index (B, T - N)), positions in x.
 
         No visual-by-visual score is formed: the score matrix is (T_text, T_k), not (T, T_k).
         """
-        s, e = image_span
-        text = lambda t: torch.cat([t[:, :, :s], t[:, :, e:]], dim=2)      # drop the image rows
+        image_index, text_index = rows
         k, v = self.keys_values(x, cos, sin, cache)                         # all rows: (B, n_kv, T_k, hd)
-        x_text = torch.cat([x[:, :s], x[:, e:]], dim=1)                     # (B, T_text, D)
-        q = self.queries(x_text, text(cos), text(sin))
-        y_text = self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=text(mask),
+        x_text = take_rows(x, text_index)                                   # (B, T_text, D)
+        q = self.queries(x_text, take_rows(cos, text_index, 2), take_rows(sin, text_index, 2))
+        y_text = self.merge(F.scaled_dot_product_attention(q, k, v, attn_mask=take_rows(mask, text_index, 2),
                                                            enable_gqa=True))  # (B, T_text, D)
         # Aligner: a visual token attending to itself alone returns its own value, W_o W_v norm(h_v).
         offset = k.shape[2] - x.shape[1]                                    # cached positions before x
-        v_image = v[:, :, offset + s:offset + e]                             # (B, n_kv, N, hd)
+        v_image = take_rows(v, offset + image_index, 2)                     # (B, n_kv, N, hd)
         v_image = v_image.repeat_interleave(self.config.n_head // self.config.n_kv_head, dim=1)
-        y_image = self.merge(v_image)                                        # (B, N, D)
-        return torch.cat([y_text[:, :s], y_image, y_text[:, s:]], dim=1)    # (B, T, D)
+        return put_rows(put_rows(torch.empty_like(x), text_index, y_text), image_index, self.merge(v_image))
 
 
 class MLP(nn.Module):
@@ -196,18 +223,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.width, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, h, cos, sin, mask, cache, composite_span=None, visual_ffn=True):
+    def forward(self, h, cos, sin, mask, cache, composite_rows=None, visual_ffn=True):
+        """composite_rows: None (causal), or (image_index, text_index) for composite attention."""
         x = self.input_layernorm(h)
-        if composite_span is None:
+        if composite_rows is None:
             h = h + self.self_attn(x, cos, sin, mask, cache)
         else:
-            h = h + self.self_attn.composite(x, cos, sin, mask, cache, composite_span)
-        if composite_span is None or visual_ffn:
+            h = h + self.self_attn.composite(x, cos, sin, mask, cache, composite_rows)
+        if composite_rows is None or visual_ffn:
             return h + self.mlp(self.post_attention_layernorm(h))
-        s, e = composite_span                                     # the FFN skips visual rows
-        h_text = torch.cat([h[:, :s], h[:, e:]], dim=1)
-        h_text = h_text + self.mlp(self.post_attention_layernorm(h_text))
-        return torch.cat([h_text[:, :s], h[:, s:e], h_text[:, s:]], dim=1)
+        text_index = composite_rows[1]                            # the FFN skips visual rows
+        h_text = take_rows(h, text_index)
+        return put_rows(h, text_index, h_text + self.mlp(self.post_attention_layernorm(h_text)))
 
 
 def build_mask(T, start, key_valid, device):
@@ -249,8 +276,9 @@ class LLM(nn.Module):
 
         input_ids (B, T) or inputs_embeds (B, T, D); position_ids (B, T), default: the cache
         offset onwards; kv_cache: a KVCache, filled and advanced; attention_mask (B, T_k) bool,
-        False at padding (T_k = cached + T); injections {llm_layer: (B, N, D)} added at
-        image_span=(start, end) of this chunk before that layer; attention: causal | composite.
+        False at padding (T_k = cached + T); injections {llm_layer: (B, N, D)} added at the image
+        rows image_span=(start, end) of this chunk (start: int or (B,)) before that layer;
+        attention: causal | composite.
         Returns logits (B, T, vocab), or the final normed hidden states with return_hidden=True.
         """
         if attention not in ("causal", "composite"):
@@ -259,29 +287,26 @@ class LLM(nn.Module):
             raise ValueError("composite attention needs image_span=(start, end), the visual "
                              "tokens' positions; use (0, 0) for a text-only sequence")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds   # (B, T, D)
-        B, T, _ = h.shape
+        B, T, D = h.shape
         start = kv_cache.length if kv_cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(start, start + T, device=h.device).expand(B, T)
         c = self.config
         cos, sin = rope_cos_sin(position_ids, c.dim_per_head, c.rope_theta, h.dtype, c.rope_llama3)
+        rows = image_rows(image_span, B, T, h.device) if image_span is not None else None
         mask = build_mask(T, start, attention_mask, h.device)
-        composite_span = image_span if attention == "composite" else None
-        if composite_span is not None:
-            if mask is None:                                      # composite needs explicit rows
-                mask = build_mask(T, start, torch.ones(B, start + T, dtype=torch.bool,
-                                                           device=h.device), h.device)
-            k_index = torch.arange(start + T, device=h.device)    # text sees every visual key
-            mask = mask | ((k_index >= start + image_span[0]) & (k_index < start + image_span[1]))
+        composite_rows = rows if attention == "composite" else None
+        if composite_rows is not None and mask is None:           # text rows are picked from it
+            mask = build_mask(T, start, torch.ones(B, start + T, dtype=torch.bool, device=h.device), h.device)
         for i, layer in enumerate(self.layers):
-            if injections and i in injections:
-                s, e = image_span
-                h = h + F.pad(injections[i].to(h.dtype), (0, 0, s, T - e))  # image rows only
+            if injections and i in injections:                    # image rows only
+                index = rows[0][..., None].expand(-1, -1, D)
+                h = h.scatter_add(1, index, injections[i].to(h.dtype))
             if self.checkpoint_layers and torch.is_grad_enabled():
-                h = checkpoint(layer, h, cos, sin, mask, kv_cache, composite_span, visual_ffn,
+                h = checkpoint(layer, h, cos, sin, mask, kv_cache, composite_rows, visual_ffn,
                                use_reentrant=False)
             else:
-                h = layer(h, cos, sin, mask, kv_cache, composite_span, visual_ffn)
+                h = layer(h, cos, sin, mask, kv_cache, composite_rows, visual_ffn)
         if kv_cache is not None:
             kv_cache.length += T
         h = self.norm(h)
@@ -290,50 +315,5 @@ class LLM(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face LlamaForCausalLM or Qwen2ForCausalLM directory."""
-        hf = read_config(path)
-        config = llm_config_from_hf(hf, path)
-        return load_weights(cls, config, path, hf_llm_key, dtype=dtype, device=device)
-
-
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")   # Llama 2/3.x, Vicuna, SmolLM2, Qwen2/2.5, Qwen3
-MISSING = {"gemma": "Gemma's (1 + weight) RMSNorm, scaled embeddings and GeGLU MLP",
-           "phi3": "Phi-3's fused qkv_proj and gate_up_proj", "phi": "Phi's LayerNorm and parallel blocks"}
-
-
-def llm_config_from_hf(hf, path):
-    """Translate a Hugging Face Llama / Mistral / Qwen2 / Qwen3 config.json to an LLMConfig."""
-    model_type = hf.get("model_type")
-    if model_type not in FAMILIES:
-        missing = next((f": {v} is not implemented" for k, v in MISSING.items()
-                        if str(model_type).startswith(k)), "")
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a supported causal LM "
-                              f"({', '.join(FAMILIES)}){missing}")
-    rope = hf.get("rope_parameters") or {}                      # transformers 5; older: top level
-    scaling = hf.get("rope_scaling") or rope
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type not in ("default", "llama3"):
-        raise CheckpointError(f"{path}: rope scaling {rope_type!r} is not supported (only Llama 3's)")
-    llama3 = () if rope_type == "default" else tuple(float(scaling[k]) for k in (
-        "factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"))
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        raise CheckpointError(f"{path}: attention_bias/mlp_bias checkpoints are not supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise CheckpointError(f"{path}: hidden_act {hf['hidden_act']!r} is not supported (SwiGLU needs silu)")
-    n_head = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_head
-    return LLMConfig(
-        vocab_size=hf["vocab_size"], width=hf["hidden_size"], n_layer=hf["num_hidden_layers"],
-        n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-        mlp_dim=hf["intermediate_size"], rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-        norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2", qk_norm=model_type == "qwen3",
-        tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
-        head_dim=head_dim if head_dim != hf["hidden_size"] // n_head else 0, rope_llama3=llama3)
-
-
-def hf_llm_key(name):
-    """Hugging Face tensor name -> ours (drop the `model.` prefix); None for unused tensors."""
-    if name.startswith("model."):
-        return name[len("model."):]
-    if name == "lm_head.weight":
-        return name
-    return None
+        config = LLMConfig(**hf.llm_fields(read_config(path), path))
+        return load_weights(cls, config, path, hf.llm_key, dtype=dtype, device=device)

@@ -5,17 +5,21 @@ Shapes: captions are parsed back into objects. `exact_match` compares whole capt
 predicted object is compared with the i-th true one (both in reading order) for `shape_acc`,
 `color_acc`, `size_acc`, `texture_acc` and `position_acc`, a missing object counting as wrong;
 `count_acc` is the share of images with the right number of objects; `unparsed` is the share of
-predicted phrases that were not valid object phrases. `evaluate_run` gives a run's eval.json.
+predicted phrases that were not valid object phrases. Questions (chat templates): two per image,
+of types that rotate over the split; `vqa_acc` is the share answered exactly, overall and per
+type (`vqa_color_acc`, ...). `evaluate_run` gives a run's eval.json.
 """
 
 import math
+import random
 from collections import Counter
 
 import torch
 
-from data import caption_tokens, decode
+from conversation import stop_id
+from data import Sample, conversation_tokens, decode, sample_tokens
 from fusion import FUSIONS
-from shapes import parse_caption
+from shapes import QUESTION_TYPES, parse_caption, question_about
 
 ATTRIBUTES = ("shape", "color", "size", "texture", "position")
 
@@ -105,30 +109,72 @@ def cider(predictions, references_list, sigma=6.0):
 
 
 @torch.no_grad()
-def caption_images(model, tokenizer, images, device, max_new_tokens, batch=100, **sampling):
+def answer(model, tokenizer, images, samples, config, device, max_new_tokens, batch=100, **sampling):
+    """The model's reply to each sample (a conversation ending with a user turn), in the run's
+    template, greedy unless sampling options say otherwise."""
     model.eval()
-    captions = []
-    for i in range(0, len(images), batch):
-        for ids in model.generate(images[i:i + batch].to(device), max_new_tokens=max_new_tokens, **sampling):
-            captions.append(decode(tokenizer, ids))
-    return captions
+    m = config.model
+    stop = stop_id(tokenizer, m.template, m.eos_id)
+    replies = []
+    for i in range(0, len(samples), batch):
+        prompts = [sample_tokens(tokenizer, s, config, for_generation=True)[0] for s in samples[i:i + batch]]
+        for ids in model.generate(images[i:i + batch].to(device), prompts, max_new_tokens=max_new_tokens,
+                                  eos_id=stop, **sampling):
+            replies.append(decode(tokenizer, ids).strip())
+    return replies
 
 
-def evaluate(model, tokenizer, images, references, max_new_tokens, shapes=True, device="cpu", **sampling):
-    """Caption the images greedily and score them; references: one caption (or a list) per image."""
-    predictions = caption_images(model, tokenizer, images, device, max_new_tokens, **sampling)
-    if shapes:
-        return shapes_metrics(predictions, references)
-    refs = [r if isinstance(r, list) else [r] for r in references]
-    return {"bleu4": bleu4(predictions, refs), "cider": cider(predictions, refs)}
+def first_request(sample):
+    """The sample's first user turn alone: what the caption metrics ask."""
+    return Sample(sample.turns[:1] if sample.turns[0]["from"] != "system" else sample.turns[:2],
+                  sample.caption, sample.has_image)
+
+
+def shapes_questions(samples, seed=0):
+    """Two questions per Shapes image, of types rotating over the split: (image index, type, Sample)."""
+    questions = []
+    for i, sample in enumerate(samples):
+        objects, _ = parse_caption(sample.caption)
+        rng = random.Random(seed * 1_000_003 + i)
+        for kind in (QUESTION_TYPES[(2 * i) % len(QUESTION_TYPES)], QUESTION_TYPES[(2 * i + 1) % len(QUESTION_TYPES)]):
+            question, reply = question_about(objects, kind, rng)
+            questions.append((i, kind, Sample([{"from": "human", "value": f"<image>\n{question}"}], reply)))
+    return questions
+
+
+def vqa_metrics(model, tokenizer, images, samples, config, device, **sampling):
+    questions = shapes_questions(samples)
+    index = torch.tensor([i for i, _, _ in questions])
+    replies = answer(model, tokenizer, images[index], [q for _, _, q in questions], config, device,
+                     max_new_tokens=4, **sampling)
+    right = Counter(kind for (_, kind, q), r in zip(questions, replies) if r == q.caption)
+    asked = Counter(kind for _, kind, _ in questions)
+    metrics = {"vqa_acc": sum(right.values()) / max(len(questions), 1)}
+    metrics.update({f"vqa_{kind}_acc": right[kind] / asked[kind] for kind in QUESTION_TYPES if asked[kind]})
+    return metrics
+
+
+def evaluate(model, tokenizer, images, samples, config, shapes=True, device="cpu", **sampling):
+    """Caption the images (reply to each sample's first request) greedily and score the replies
+    against the samples' captions; on Shapes with a chat template, ask questions too."""
+    predictions = answer(model, tokenizer, images, [first_request(s) for s in samples], config, device,
+                         config.max_caption_tokens - 1, **sampling)
+    references = [s.caption for s in samples]
+    if not shapes:
+        return {"bleu4": bleu4(predictions, [[r] for r in references]),
+                "cider": cider(predictions, [[r] for r in references])}
+    metrics = shapes_metrics(predictions, references)
+    if config.model.template != "plain":
+        metrics.update(vqa_metrics(model, tokenizer, images, samples, config, device, **sampling))
+    return metrics
 
 
 @torch.no_grad()
-def split_loss(model, data, images, captions, config, device, dtype, batch=64):
+def split_loss(model, data, images, samples, config, device, dtype, batch=64):
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(captions), batch):
-        input_ids, labels = caption_tokens(data, captions[i:i + batch], config)
+    for i in range(0, len(samples), batch):
+        input_ids, labels = conversation_tokens(data.tokenizer, samples[i:i + batch], config)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             _, loss = model(images[i:i + batch].to(device), input_ids.to(device), labels.to(device))
         n = int((labels[:, 1:] != -100).sum())
@@ -139,12 +185,12 @@ def split_loss(model, data, images, captions, config, device, dtype, batch=64):
 
 def evaluate_run(model, data, config, split="test", device="cpu", dtype=torch.float32, **sampling):
     """The metrics of a run, as train.py writes them to eval.json and eval.py reproduces them:
-    captions of `split` (n_test images, or n_val for val) scored, and val_loss on the val split.
-    Everything comes from the run's config: data, splits, seed, caption length."""
+    captions (and questions) of `split` (n_test images, or n_val for val) scored, and val_loss
+    on the val split. Everything comes from the run's config: data, splits, seed, template."""
     device = torch.device(device)
-    images, captions = data.split(split, config.n_val if split == "val" else config.n_test)
-    metrics = evaluate(model, data.tokenizer, images, captions, config.max_caption_tokens - 1,
-                       shapes=config.data == "shapes", device=device, **sampling)
+    images, samples = data.split(split, config.n_val if split == "val" else config.n_test)
+    metrics = evaluate(model, data.tokenizer, images, samples, config, shapes=config.data == "shapes",
+                       device=device, **sampling)
     metrics["val_loss"] = split_loss(model, data, *data.split("val", config.n_val), config, device, dtype)
     return metrics
 

@@ -6,8 +6,10 @@ at inference on a model trained causally: EE-MLLM-F). The model does not branch 
 fusion unit says which views the ViT sees and how deep, and returns the input tokens and the
 shortcut injections.
 
-Sequence layout: [image tokens (N)][text tokens (T)]; the text starts with BOS. `forward` returns
-logits for the text positions only, so logits[:, j] predicts input_ids[:, j + 1].
+Sequence layout: the image's place in `input_ids` is a run of `config.image_token_id`, one per
+visual token, as in transformers' LLaVA (a single one is widened to the run); its rows get the
+visual tokens instead of embeddings. Ids without it put the image first: [image (N)][BOS text].
+`forward` returns logits for the text positions only, in order.
 """
 
 import json
@@ -18,10 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import hf
 from fusion import FUSIONS, image_views
-from llm import LLM, KVCache, LLMConfig
+from llm import LLM, KVCache, LLMConfig, image_rows, put_rows, take_rows
 from vit import ViT, ViTConfig
-from weights import CheckpointError, atomic_directory, fill_weights, load_weights, read_config
+from weights import CheckpointError, atomic_directory, fill_weights, load_weights, read_config, version_1_names
 
 CHOICES = {                        # and fusion: a key of fusion.FUSIONS
     "attention": ("causal", "composite"),
@@ -51,6 +54,8 @@ class SparseCutConfig:
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
+    image_token_id: int = -200     # marks the image's place in input_ids (LLaVA's IMAGE_TOKEN_INDEX)
+    template: str = "plain"        # the conversation template (conversation.py) it was trained with
     vit_path: str = ""             # Hugging Face directories of pretrained backbones (real runs);
     llm_path: str = ""             # their configs replace vit/llm, and checkpoints may omit them
     config_version: int = CONFIG_VERSION
@@ -157,10 +162,10 @@ class SparseCut(nn.Module):
         llm = None                                   # no llm_path (tiny-frozen): a new LLM
         if config.llm_path:
             llm = LLM.from_pretrained(config.llm_path, dtype=dtype, device=device).train()
-            hf = read_config(config.llm_path)
-            eos = hf.get("eos_token_id")
+            raw = read_config(config.llm_path)
+            eos = raw.get("eos_token_id")
             eos = eos[0] if isinstance(eos, list) else eos
-            ids = {"bos_id": hf.get("bos_token_id"), "eos_id": eos, "pad_id": hf.get("pad_token_id")}
+            ids = {"bos_id": raw.get("bos_token_id"), "eos_id": eos, "pad_id": raw.get("pad_token_id")}
             config = replace(config, llm=llm.config, **{k: v for k, v in ids.items() if v is not None})
         with torch.device(device):
             return cls(config, vit=vit, llm=llm).to(dtype)
@@ -171,23 +176,68 @@ class SparseCut(nn.Module):
         hidden = self.vit(self.vit.normalize(views), self.fusion.vit_depth)  # vit_depth + 1 x (V*B, T, D_vit)
         return self.fusion(hidden, images.shape[0])
 
-    def forward(self, images, input_ids, labels=None, attention=None):
-        """images (B, 3, H, W) in [0, 1]; input_ids, labels (B, T), labels -100 where no loss.
+    def place_image(self, input_ids, n_image, labels=None, attention_mask=None):
+        """Each row's image start (B,) and the ids, labels and mask with the image run in place:
+        found where input_ids hold config.image_token_id (one id is widened to n_image), or put
+        first when no row has one (then the leading BOS is not a target, as before)."""
+        marker, B = self.config.image_token_id, input_ids.shape[0]
+        if not (input_ids == marker).any():
+            run = torch.full((B, n_image), marker, dtype=input_ids.dtype, device=input_ids.device)
+            input_ids = torch.cat([run, input_ids], dim=1)
+            if labels is not None:
+                labels = torch.cat([torch.full_like(run, -100), labels.masked_fill(
+                    torch.arange(labels.shape[1], device=labels.device) == 0, -100)], dim=1)
+            if attention_mask is not None:
+                attention_mask = torch.cat([torch.ones_like(run, dtype=torch.bool), attention_mask.bool()], 1)
+        elif n_image != 1 and bool(((input_ids == marker).sum(1) == 1).all()):
+            at = [int(row.nonzero()) for row in input_ids == marker]      # widen one id to the run
+            widen = lambda t, fill: torch.stack([torch.cat([row[:p], row[p:p + 1].new_full((n_image,), fill),
+                                                            row[p + 1:]]) for row, p in zip(t, at)])
+            input_ids = widen(input_ids, marker)
+            labels = widen(labels, -100) if labels is not None else None
+            attention_mask = widen(attention_mask.bool(), True) if attention_mask is not None else None
+        is_image = input_ids == marker
+        starts = is_image.int().argmax(1)                                  # (B,) first image row
+        image_index, _ = image_rows((starts, starts + n_image), B, input_ids.shape[1], input_ids.device)
+        if not bool((is_image.sum(1) == n_image).all()) or not bool(is_image.gather(1, image_index).all()):
+            raise ValueError(f"each row of input_ids must mark the image with one run of {n_image} "
+                             f"image_token_id ({marker}) tokens, or with one of them; found "
+                             f"{is_image.sum(1).tolist()}")
+        return starts, input_ids, labels, attention_mask
 
-        Returns logits (B, T, vocab) for the text positions and the mean next-token loss.
-        """
-        c = self.config
+    def embed(self, images, input_ids, labels=None, attention_mask=None):
+        """The LLM input: token embeddings with the visual tokens in the image rows (B, T, d), the
+        image span, injections, and the ids/labels/mask with the image run in place."""
         visual, injected = self.encode_images(images)            # (B, N, d)
         N = visual.shape[1]
-        h = torch.cat([visual, self.llm.embed_tokens(input_ids)], dim=1)   # (B, N + T, d)
-        hidden = self.llm(inputs_embeds=h, injections=injected, image_span=(0, N),
-                          attention=attention or c.attention, visual_ffn=c.visual_ffn,
-                          return_hidden=True)
-        logits = self.llm.lm_head(hidden[:, N:])                 # (B, T, vocab)
+        starts, input_ids, labels, attention_mask = self.place_image(input_ids, N, labels, attention_mask)
+        span = (starts, starts + N)
+        image_index, text_index = image_rows(span, *input_ids.shape, input_ids.device)
+        h = self.llm.embed_tokens(input_ids.masked_fill(input_ids == self.config.image_token_id,
+                                                        self.config.pad_id))  # (B, T, d)
+        h = put_rows(h, image_index, visual.to(h.dtype))
+        return h, span, injected, text_index, labels, attention_mask
+
+    def forward(self, images, input_ids, labels=None, attention=None, attention_mask=None):
+        """images (B, 3, H, W) in [0, 1]; input_ids, labels (B, T), labels -100 where no loss;
+        attention_mask (B, T) bool, False at padding (needed only where padding precedes text).
+
+        Returns logits (B, T_text, vocab) for the text positions and the mean next-token loss,
+        each token predicted from the row before it in the whole sequence (image rows included).
+        """
+        c = self.config
+        h, span, injected, text_index, labels, attention_mask = self.embed(images, input_ids, labels,
+                                                                          attention_mask)
+        positions = None if attention_mask is None else (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+        hidden = self.llm(inputs_embeds=h, position_ids=positions, attention_mask=attention_mask,
+                          injections=injected, image_span=span, attention=attention or c.attention,
+                          visual_ffn=c.visual_ffn, return_hidden=True)  # (B, T, d)
+        logits = self.llm.lm_head(take_rows(hidden, text_index))  # (B, T_text, vocab)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=-100)
+            targets = labels[:, 1:]                               # (B, T - 1)
+            scored = targets != -100
+            loss = F.cross_entropy(self.llm.lm_head(hidden[:, :-1][scored]).float(), targets[scored])
         return logits, loss
 
     def prompt_lists(self, prompt_ids, prompt_mask, batch):
@@ -202,28 +252,29 @@ class SparseCut(nn.Module):
 
     @torch.no_grad()
     def generate(self, images, prompt_ids=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 top_p=None, prompt_mask=None, generator=None, attention=None):
-        """Caption images with a KV cache. Returns one list of new token ids per image, up to
-        (not including) EOS. Prompts of different lengths are left-padded after the image, with
-        positions that skip the padding, so each row decodes as it would alone."""
+                 top_p=None, prompt_mask=None, generator=None, attention=None, eos_id=None):
+        """Continue each prompt (which may mark the image's place, model docstring) with a KV
+        cache. Returns one list of new token ids per image, up to (not including) eos_id (the
+        config's EOS, or a template's end of turn). Prompts of different lengths are left-padded,
+        with positions that skip the padding, so each row decodes as it would alone."""
         c = self.config
-        visual, injected = self.encode_images(images)            # (B, N, d)
-        B, N, _ = visual.shape
-        prompts = self.prompt_lists(prompt_ids, prompt_mask, B)
+        eos_id = c.eos_id if eos_id is None else eos_id
+        prompts = self.prompt_lists(prompt_ids, prompt_mask, images.shape[0])
         P = max(len(p) for p in prompts)
-        device = visual.device
-        ids = torch.full((B, P), c.pad_id, dtype=torch.long, device=device)
-        valid = torch.ones(B, N + P + max_new_tokens, dtype=torch.bool, device=device)
-        for b, prompt in enumerate(prompts):
-            ids[b, P - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-            valid[b, N:N + P - len(prompt)] = False              # left padding
+        device = images.device
+        ids = torch.full((len(prompts), P), c.pad_id, dtype=torch.long, device=device)
+        valid = torch.zeros(len(prompts), P, dtype=torch.bool, device=device)
+        for b, prompt in enumerate(prompts):                               # left padding
+            ids[b, P - len(prompt):], valid[b, P - len(prompt):] = torch.tensor(prompt, dtype=torch.long), True
+        h, span, injected, _, _, valid = self.embed(images, ids, attention_mask=valid)  # (B, P', d)
+        B, L, _ = h.shape
         padded = not bool(valid.all())
-        positions = (valid[:, :N + P].long().cumsum(1) - 1).clamp(min=0)  # skip the padding
-        cache = KVCache(c.llm, B, N + P + max_new_tokens, device, visual.dtype)
-        h = torch.cat([visual, self.llm.embed_tokens(ids)], dim=1)         # (B, N + P, d)
+        valid = torch.cat([valid, valid.new_ones(B, max_new_tokens)], dim=1)
+        positions = (valid[:, :L].long().cumsum(1) - 1).clamp(min=0)        # skip the padding
+        cache = KVCache(c.llm, B, L + max_new_tokens, device, h.dtype)
         hidden = self.llm(inputs_embeds=h, position_ids=positions, kv_cache=cache,
-                          attention_mask=valid[:, :N + P] if padded else None, injections=injected,
-                          image_span=(0, N), attention=attention or c.attention,
+                          attention_mask=valid[:, :L] if padded else None, injections=injected,
+                          image_span=span, attention=attention or c.attention,
                           visual_ffn=c.visual_ffn, return_hidden=True)
         logits = self.llm.lm_head(hidden[:, -1])                           # (B, vocab): last row only
         next_position = positions[:, -1:] + 1                              # (B, 1)
@@ -232,7 +283,7 @@ class SparseCut(nn.Module):
         for step in range(max_new_tokens):
             token = sample_next(logits, temperature, top_k, top_p, generator)
             token = token.masked_fill(done, c.pad_id)
-            done |= token == c.eos_id
+            done |= token == eos_id
             out.append(token)
             if bool(done.all()) or step == max_new_tokens - 1:
                 break
@@ -241,7 +292,7 @@ class SparseCut(nn.Module):
                               attention_mask=valid[:, :length] if padded else None)[:, -1]
             next_position = next_position + 1
         tokens = torch.stack(out, dim=1).tolist()                          # (B, steps)
-        return [row[:row.index(c.eos_id)] if c.eos_id in row else row for row in tokens]
+        return [row[:row.index(eos_id)] if eos_id in row else row for row in tokens]
 
     def backbones_by_path(self):
         """Prefixes of the frozen backbones that config.vit_path / llm_path can rebuild."""
@@ -273,10 +324,13 @@ class SparseCut(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, config=None, **overrides):
-        """Load a directory written by save_pretrained. overrides replace config fields (e.g.
-        attention="composite" for training-free composite attention on a causal model); config,
-        if given, is the config the checkpoint must match (resuming a run)."""
+        """Load a directory written by save_pretrained, or a Hugging Face LLaVA-1.5 directory.
+        overrides replace config fields (e.g. attention="composite" for training-free composite
+        attention on a causal model); config, if given, is the config the checkpoint must match
+        (resuming a run), or, for a LLaVA directory, the run it starts (its ViT and LLM)."""
         raw = read_config(path)
+        if raw.get("model_type") == "llava":
+            return cls.from_llava(path, raw, device, dtype, config, **overrides)
         if config is None:
             try:
                 config = SparseCutConfig.from_dict(raw)
@@ -290,14 +344,20 @@ class SparseCut(nn.Module):
         return fill_weights(model, path, names, dtype=dtype, device=device,
                             optional_prefixes=("vit.", "llm.") if config.llm_path else ("vit.",))
 
-
-def version_1_names(fusion):
-    """Tensor names of config version 1 -> ours: the fusers and gates were at the top level, and
-    the baselines' projector was wrapped in one more module."""
-    def rename(name):
-        if not name.startswith(("fusers.", "gates.")):
-            return name
-        if fusion in ("llava", "concat"):
-            name = name.replace(".projector.", ".", 1)
-        return "fusion." + name
-    return rename
+    @classmethod
+    def from_llava(cls, path, raw, device, dtype, config=None, **overrides):
+        """A transformers LlavaForConditionalGeneration directory as a `llava` model; with config
+        (a run's: init_from), its encoder and LLM under that config's fusion (new unless llava)."""
+        llava = SparseCutConfig.from_dict(hf.llava_fields(raw, path))
+        if config is None:
+            config = replace(llava, **overrides)
+        else:
+            config = replace(config, **{f: getattr(llava, f) for f in ("vit", "llm", "input_layer", "image_token_id",
+                                                                     "bos_id", "eos_id", "pad_id")})
+        keep_projector = config.fusion == "llava"
+        names = lambda name: hf.llava_key(name, keep_projector)
+        if keep_projector:
+            return load_weights(cls, config, path, names, dtype=dtype, device=device)
+        with torch.device(device):
+            model = cls(config).to(dtype)                             # the new fusion initialised
+        return fill_weights(model, path, names, dtype=dtype, device=device, optional_prefixes=("fusion.",))

@@ -1,11 +1,14 @@
-"""Caption one or more images with a trained checkpoint.
+"""Caption one or more images, or answer a question about them, with a trained checkpoint.
 
     python sample.py --image cat.jpg [more.png ...] [--checkpoint DIR] [--prompt TEXT]
                      [--temperature T] [--top_k K] [--top_p P] [--attention composite]
                      [--show out.png]
 
-Any image PIL reads, of any size and mode; greedy decoding by default. The caption length is the
-run's own (its saved training config), unless --max_new_tokens says otherwise. `--show` draws the
+Any image PIL reads, of any size and mode; greedy decoding by default. With a chat template
+(the run's own: vicuna_v1, chatml) --prompt is the user's question and the reply is printed
+(no prompt: the caption request the run was trained with); with `plain` the caption starts with
+--prompt. The reply length is the run's own (its saved training config), unless
+--max_new_tokens says otherwise. `--show` draws the
 (first) image with its caption under it and, for a model with shortcuts, which ViT layer feeds
 which LLM layer and how much each adds: the norm of the added features relative to the hidden
 state they are added to, at the image positions, on this image (matplotlib, needed only here).
@@ -17,8 +20,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from config import RUN_CONFIG, check_device, check_writable, load_run_config, parse_options, run_cli
-from data import decode, encode, load_image, load_tokenizer
+from config import RUN_CONFIG, TrainConfig, check_device, check_writable, load_run_config, parse_options, run_cli
+from conversation import IMAGE, stop_id
+from data import Sample, decode, encode, load_image, load_tokenizer, sample_tokens
+from shapes import CAPTION_REQUEST
+from llm import take_rows
 from model import SparseCut
 from weights import CheckpointError, checkpoint_dir
 
@@ -30,7 +36,7 @@ UNTRAINED_MAX_NEW_TOKENS = 64         # for checkpoints that no training run wro
 class SampleOptions:
     image: list = field(default_factory=list)   # image file(s)
     checkpoint: str = DEFAULT_CHECKPOINT
-    prompt: str = ""                  # text the caption starts with
+    prompt: str = ""                  # the question (chat templates), or the caption's start (plain)
     temperature: float = 0.0
     top_k: int = 0                    # 0: no top-k filtering
     top_p: float = 1.0
@@ -62,21 +68,27 @@ def main(argv):
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise CheckpointError(f"{path} has no tokenizer.json: is it a SparseCut checkpoint?")
     tokenizer = load_tokenizer(path)
-    max_new_tokens = options.max_new_tokens or run_caption_length(path)
+    run = run_config(path, model)
+    max_new_tokens = options.max_new_tokens or run.max_caption_tokens - 1
     size = 2 * model.config.vit.image_size                      # the high-resolution view
     images = torch.stack([load_image(p, size) for p in options.image]).to(options.device)
-    prompt = encode(tokenizer, options.prompt, model.config.bos_id)[:-1]   # [BOS] + prompt, no EOS
+    if model.config.template == "plain":                      # [image][BOS] + the caption's start
+        prompt, lead = encode(tokenizer, options.prompt, model.config.bos_id)[:-1], options.prompt.strip()
+    else:                                                     # the user's turn; the reply follows
+        turns = [{"from": "human", "value": f"{IMAGE}\n{options.prompt.strip() or CAPTION_REQUEST}"}]
+        prompt, lead = sample_tokens(tokenizer, Sample(turns, ""), run, for_generation=True)[0], ""
     generator = torch.Generator(device=options.device).manual_seed(options.seed)
     outputs = model.generate(images, [prompt] * len(options.image), max_new_tokens=max_new_tokens,
                              temperature=options.temperature, top_k=options.top_k or None,
-                             top_p=options.top_p, generator=generator)
+                             top_p=options.top_p, generator=generator,
+                             eos_id=stop_id(tokenizer, model.config.template, model.config.eos_id))
     for image_path, ids in zip(options.image, outputs):
-        caption = " ".join(filter(None, [options.prompt.strip(), decode(tokenizer, ids)]))
+        caption = " ".join(filter(None, [lead, decode(tokenizer, ids)]))
         print(caption if len(options.image) == 1 else f"{image_path}: {caption}")
     if options.show:
         ids = prompt + outputs[0]
         shares = shortcut_shares(model, images[:1], torch.tensor([ids], device=options.device))
-        caption = " ".join(filter(None, [options.prompt.strip(), decode(tokenizer, outputs[0])]))
+        caption = " ".join(filter(None, [lead, decode(tokenizer, outputs[0])]))
         draw(images[0], caption, shares, model.config, options.show)
         print(f"wrote {options.show}")
 
@@ -103,10 +115,13 @@ def shortcut_shares(model, images, input_ids):
     finally:
         for hook in hooks:
             hook.remove()
+    n_image = next(iter(injected.values())).shape[1]
+    starts = model.place_image(input_ids, n_image)[0]          # where the image rows are
+    rows = starts[:, None] + torch.arange(n_image, device=starts.device)   # (1, N)
     shares = []
     for vit_layer, llm_layer in plan:
         added = injected[llm_layer]                            # (1, N, d)
-        before = seen[llm_layer][:, :added.shape[1]] - added   # the layer's input less the addition
+        before = take_rows(seen[llm_layer], rows) - added      # the layer's input less the addition
         shares.append((vit_layer, llm_layer, float((added.norm(dim=-1) / before.norm(dim=-1)).mean())))
     return shares
 
@@ -139,11 +154,13 @@ def draw(image, caption, shares, config, path):
     plt.close(figure)
 
 
-def run_caption_length(path):
-    """New tokens for a caption of the run that wrote the checkpoint (its max_caption_tokens
-    less the BOS); a fixed budget for checkpoints that save_pretrained wrote outside a run."""
+def run_config(path, model):
+    """The training config of the run that wrote the checkpoint; for checkpoints written outside
+    a run (save_pretrained, a Hugging Face LLaVA), the defaults around the model's own config."""
     has_run = any(os.path.isfile(os.path.join(path, f)) for f in (RUN_CONFIG, "train_state.pt"))
-    return load_run_config(path).max_caption_tokens - 1 if has_run else UNTRAINED_MAX_NEW_TOKENS
+    config = load_run_config(path) if has_run else TrainConfig(max_caption_tokens=UNTRAINED_MAX_NEW_TOKENS + 1)
+    config.model = model.config
+    return config
 
 
 if __name__ == "__main__":

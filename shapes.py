@@ -167,3 +167,42 @@ def shapes_vocabulary():
     words = {"a", "and", "at", "the"} | set(SIZES) | set(COLORS) | set(TEXTURES[1:]) | set(SHAPES)
     words |= {w for p in POSITIONS for w in p.split()}
     return sorted(words)
+
+
+# --- questions about a scene (the assistant part) ----------------------------------------------
+
+QUESTION_TYPES = ("color", "shape", "texture", "size", "count", "exists", "where")
+COUNT_WORDS = ("zero", "one", "two", "three")
+CAPTION_REQUEST = "describe the image."
+
+
+def question_about(objects, kind, rng):
+    """(question, answer) of one type about a scene, from its objects. An object is named by its
+    position, or by colour and shape where that pair is unique in the scene."""
+    unique = [o for o in objects if sum((p.color, p.shape) == (o.color, o.shape) for p in objects) == 1]
+    if kind in ("color", "shape", "texture", "size"):
+        obj = rng.choice(objects)
+        word = "colour" if kind == "color" else kind
+        if kind in ("texture", "size") and obj in unique and rng.random() < 0.5:
+            return f"what {word} is the {obj.color} {obj.shape}?", getattr(obj, kind)
+        if kind == "color" and sum(p.shape == obj.shape for p in objects) == 1 and rng.random() < 0.5:
+            return f"what colour is the {obj.shape}?", obj.color
+        return f"what {word} is the object at the {obj.position}?", getattr(obj, kind)
+    if kind == "count":
+        return "how many objects are there?", COUNT_WORDS[len(objects)]
+    if kind == "where" and unique:
+        obj = rng.choice(unique)
+        return f"where is the {obj.color} {obj.shape}?", obj.position
+    present = {(o.color, o.shape) for o in objects}             # exists (and where, lacking a unique pair)
+    if rng.random() < 0.5:
+        color, shape = rng.choice(sorted(present))
+        return f"is there a {color} {shape}?", "yes"
+    absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    color, shape = rng.choice(absent)
+    return f"is there a {color} {shape}?", "no"
+
+
+def question_vocabulary():
+    return sorted({"what", "colour", "is", "the", "object", "at", "shape", "texture", "size", "how", "many",
+                   "objects", "are", "there", "where", "yes", "no", "plain", "describe", "image", "?", "."}
+                  | set(COUNT_WORDS))

@@ -1,14 +1,4 @@
-"""Train SparseCut (or a baseline) on Shapes or a folder of captioned images.
-
-    python train.py --config tiny [--out_dir DIR] [--fusion llava] [--max_iters N] [--resume]
-
-Any field of TrainConfig, of SparseCutConfig (`--fusion`, `--attention`, ...) or of the nested
-ViT/LLM configs (`--vit.width 128`, `--llm.n_layer 6`) can be set on the command line. Writes into
-out_dir: checkpoint/ (model, tokenizer and training state, replaced atomically), metrics.jsonl
-(one JSON object per logged step) and eval.json (the final metrics).
-"""
-
-"""Train SparseCut (or a baseline) on Shapes or a folder of captioned images.
+"""Train SparseCut (or a baseline) on Shapes, a folder of captioned images, or conversations.
 
     python train.py --config tiny [--out_dir DIR] [--fusion llava] [--max_iters N] [--resume]
 
@@ -44,7 +34,7 @@ DOWNLOADS = {  # what the default backbone paths hold, by Hugging Face repositor
     "SmolLM2-135M": "HuggingFaceTB/SmolLM2-135M",
 }
 VAL_CAPTIONS = 64                      # val images captioned at each eval_interval (Shapes)
-VAL_LOGGED = ("object_f1", "shape_acc", "color_acc", "size_acc", "texture_acc", "position_acc")
+VAL_LOGGED = ("object_f1", "shape_acc", "color_acc", "size_acc", "texture_acc", "position_acc", "vqa_acc")
 
 
 def parse_args(argv):
@@ -251,7 +241,7 @@ def train(config):
         start_log(metrics_path, config.resume, start_step)
     if config.compile == "on" or (config.compile == "auto" and device.type == "cuda"):
         model = torch.compile(model)
-    val_images, val_captions = data.split("val", config.n_val)
+    val_images, val_samples = data.split("val", config.n_val)
     say = print if context.main else (lambda *args, **kwargs: None)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"{config.model.fusion} + {config.model.attention}: {n_params / 1e6:.2f}M trainable "
@@ -297,14 +287,15 @@ def train(config):
             window_start, window_samples = time.time(), 0
         if (step + 1) % config.eval_interval == 0 or last:
             record = record or {"step": step + 1}
-            record["val_loss"] = split_loss(model, data, val_images, val_captions, config, device, dtype)
+            record["val_loss"] = split_loss(model, data, val_images, val_samples, config, device, dtype)
             line = f"step {step + 1:>5}  val_loss {record['val_loss']:.4f}"
             if config.data == "shapes":        # what is learned when: per-attribute accuracy
-                n = min(len(val_captions), VAL_CAPTIONS)
+                n = min(len(val_samples), VAL_CAPTIONS)
                 scores = evaluate(distributed.unwrap(model), data.tokenizer, val_images[:n],
-                                  val_captions[:n], config.max_caption_tokens - 1, device=device)
+                                  val_samples[:n], config, device=device)
                 record.update({f"val_{k}": v for k, v in scores.items() if k in VAL_LOGGED})
-                line += "  " + "  ".join(f"{k.removesuffix('_acc')} {scores[k]:.2f}" for k in VAL_LOGGED)
+                line += "  " + "  ".join(f"{k.removesuffix('_acc')} {scores[k]:.2f}" for k in VAL_LOGGED
+                                         if k in scores)
                 model.train()
             say(line, flush=True)
         if record is not None and context.main:

@@ -8,18 +8,16 @@ several of them (paper section 3.2, "multi-level" features).
 Module names follow the Hugging Face checkpoints so that `from_pretrained` is a short mapping.
 """
 
-import json
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from weights import CheckpointError, load_weights, read_config
+import hf
+from hf import CLIP_MEAN, CLIP_STD
+from weights import load_weights, read_config
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -170,45 +168,5 @@ class ViT(nn.Module):
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu"):
         """Load a Hugging Face CLIP or SigLIP vision tower (or the vision half of the full model)."""
-        hf = read_config(path)
-        config = vit_config_from_hf(hf, path)
-        return load_weights(cls, config, path, hf_vit_key, dtype=dtype, device=device)
-
-
-def vit_config_from_hf(hf, path):
-    """Translate a Hugging Face CLIP/SigLIP config.json (vision or full model) to a ViTConfig."""
-    model_type = hf.get("model_type", "")
-    vision = hf.get("vision_config", hf)
-    if model_type.startswith("clip"):
-        family = "clip"
-    elif model_type.startswith("siglip"):
-        family = "siglip"
-    else:
-        raise CheckpointError(f"{path}: model_type {model_type!r} is not a CLIP or SigLIP vision model")
-    is_clip = family == "clip"
-    mean, std = (CLIP_MEAN, CLIP_STD) if is_clip else ((0.5,) * 3, (0.5,) * 3)
-    preprocessor = os.path.join(path, "preprocessor_config.json")
-    if os.path.exists(preprocessor):
-        with open(preprocessor) as f:
-            pre = json.load(f)
-        mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
-    act = vision.get("hidden_act", "quick_gelu" if is_clip else "gelu_pytorch_tanh")
-    act = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}.get(act, act)
-    return ViTConfig(
-        image_size=vision.get("image_size", 224), patch_size=vision.get("patch_size", 32 if is_clip else 16),
-        width=vision.get("hidden_size", 768), n_layer=vision.get("num_hidden_layers", 12),
-        n_head=vision.get("num_attention_heads", 12), mlp_dim=vision.get("intermediate_size", 3072),
-        class_token=is_clip, pre_norm=is_clip, patch_bias=not is_clip, act=act,
-        norm_eps=vision.get("layer_norm_eps", 1e-5 if is_clip else 1e-6),
-        image_mean=mean, image_std=std)
-
-
-def hf_vit_key(name):
-    """Hugging Face tensor name -> ours, or None for tensors the vision tower does not use.
-
-    Full CLIPModel/SiglipModel files (and older vision-only ones) prefix the tower's tensors with
-    `vision_model.`; vision-only files written by transformers 5 do not."""
-    name = name.removeprefix("vision_model.")
-    if name.split(".")[0] not in ("embeddings", "encoder", "pre_layrnorm", "post_layernorm"):
-        return None                                  # text tower, projections, SigLIP's pooling head
-    return name.replace("encoder.layers.", "layers.").replace("pre_layrnorm.", "pre_layernorm.")
+        config = ViTConfig(**hf.vit_fields(read_config(path), path))
+        return load_weights(cls, config, path, hf.vit_key, dtype=dtype, device=device)

@@ -192,3 +192,15 @@ def checkpoint_dir(path):
         if os.path.isdir(nested):
             return nested
     return path
+
+
+def version_1_names(fusion):
+    """Tensor names of config version 1 -> ours: the fusers and gates were at the top level, and
+    the baselines' projector was wrapped in one more module."""
+    def rename(name):
+        if not name.startswith(("fusers.", "gates.")):
+            return name
+        if fusion in ("llava", "concat"):
+            name = name.replace(".projector.", ".", 1)
+        return "fusion." + name
+    return rename

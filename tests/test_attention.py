@@ -8,10 +8,13 @@ import llm as llm_module
 from conftest import ATTENTIONS, FUSIONS, tiny_model
 
 SPAN = (0, 5)                                                   # 5 visual tokens, then 7 text
+# The image first; after 3 text tokens; after 3 text tokens in row 0 and 1 in row 1 (left padding).
+SPANS = [(0, 5), (3, 8), (torch.tensor([3, 1]), torch.tensor([8, 6]))]
+SPAN_IDS = ["first", "after-text", "per-row"]
 
 
-def run(llm, h, attention="composite", **kwargs):
-    return llm(inputs_embeds=h, image_span=SPAN, attention=attention, return_hidden=True, **kwargs)
+def run(llm, h, attention="composite", span=SPAN, **kwargs):
+    return llm(inputs_embeds=h, image_span=span, attention=attention, return_hidden=True, **kwargs)
 
 
 @pytest.fixture
@@ -19,32 +22,56 @@ def llm():
     return tiny_model(std=0.2).llm
 
 
-def test_visual_tokens_never_see_each_other(llm):
+def image_mask(span, batch=2, length=12):
+    image_index, _ = llm_module.image_rows(span, batch, length, "cpu")
+    return torch.zeros(batch, length, dtype=torch.bool).scatter(1, image_index, True), image_index
+
+
+@pytest.mark.parametrize("span", SPANS, ids=SPAN_IDS)
+def test_visual_tokens_never_see_each_other(llm, span):
     torch.manual_seed(0)
     h = torch.randn(2, 12, 32)
+    is_image, image_index = image_mask(span)
     edited = h.clone()
-    edited[:, 2] += torch.randn(32)                              # one visual token's input
-    changed = (run(llm, h) != run(llm, edited)).any(-1)          # after every layer
-    assert changed[:, 2].all()
-    assert not changed[:, [0, 1, 3, 4]].any(), "a visual token saw another visual token"
-    assert changed[:, 5:].all(), "text must see every visual token"
+    edited[torch.arange(2), image_index[:, 2]] += torch.randn(32)   # one visual token's input
+    changed = (run(llm, h, span=span) != run(llm, edited, span=span)).any(-1)   # after every layer
+    assert changed[torch.arange(2), image_index[:, 2]].all()
+    others = is_image.clone()
+    others[torch.arange(2), image_index[:, 2]] = False
+    assert not changed[others].any(), "a visual token saw another visual token"
+    later_text = ~is_image & (torch.arange(12) > image_index[:, :1])
+    earlier_text = ~is_image & (torch.arange(12) < image_index[:, :1])
+    assert changed[later_text].all() and not changed[earlier_text].any()
     # and layer by layer: a single block's visual outputs are independent too
     block = llm.layers[0]
     cos, sin = llm_module.rope_cos_sin(torch.arange(12).expand(2, 12), 8, 10000.0, h.dtype)
     mask = llm_module.build_mask(12, 0, torch.ones(2, 12, dtype=torch.bool), h.device)
-    one = block(h, cos, sin, mask, None, SPAN)
-    two = block(edited, cos, sin, mask, None, SPAN)
-    assert not (one != two).any(-1)[:, [0, 1, 3, 4]].any()
+    rows = llm_module.image_rows(span, 2, 12, h.device)
+    one = block(h, cos, sin, mask, None, rows)
+    two = block(edited, cos, sin, mask, None, rows)
+    assert not (one != two).any(-1)[others].any()
 
 
-def test_text_never_sees_later_text(llm):
+@pytest.mark.parametrize("span", SPANS, ids=SPAN_IDS)
+def test_text_sees_every_visual_token_and_no_later_text(llm, span):
     torch.manual_seed(0)
     h = torch.randn(2, 12, 32)
+    is_image, _ = image_mask(span)
+    text = (~is_image).nonzero()[:, 1].view(2, -1)
     edited = h.clone()
-    edited[:, 8] += torch.randn(32)
-    changed = (run(llm, h) != run(llm, edited)).any(-1)
-    assert not changed[:, :8].any(), "an earlier token (text or visual) saw a later text token"
-    assert changed[:, 8:].all()
+    edited[torch.arange(2), text[:, -3]] += torch.randn(32)       # the third-last text token
+    changed = (run(llm, h, span=span) != run(llm, edited, span=span)).any(-1)
+    position = text[:, -3:-2]
+    assert not changed[torch.arange(12) < position].any(), "an earlier token saw a later text token"
+    assert not changed[is_image].any(), "a visual token saw a text token"
+    assert changed[~is_image & (torch.arange(12) >= position)].all()
+    # a text token before the image (causal) does not see it; every text token after it does
+    edited = h.clone()
+    edited[is_image] += 1.0
+    changed = (run(llm, h, span=span) != run(llm, edited, span=span)).any(-1)
+    first_image = is_image.int().argmax(1, keepdim=True)
+    assert changed[~is_image & (torch.arange(12) > first_image)].all()
+    assert not changed[~is_image & (torch.arange(12) < first_image)].any()
 
 
 def test_composite_without_visual_tokens_equals_causal(llm):
@@ -65,7 +92,7 @@ def test_aligner_is_w_o_w_v_norm(llm):
     expected = block.self_attn.o_proj(v.repeat_interleave(c.n_head // c.n_kv_head, 2).flatten(2))
     cos, sin = llm_module.rope_cos_sin(torch.arange(12)[None], 8, 10000.0, h.dtype)
     mask = llm_module.build_mask(12, 0, torch.ones(1, 12, dtype=torch.bool), h.device)
-    y = block.self_attn.composite(x, cos, sin, mask, None, SPAN)
+    y = block.self_attn.composite(x, cos, sin, mask, None, llm_module.image_rows(SPAN, 1, 12, h.device))
     torch.testing.assert_close(y[:, :5], expected)
 
 
@@ -107,13 +134,23 @@ def greedy_by_recomputation(model, image, prompt, steps, attention=None):
 PROMPTS = [[1, 7, 9, 11, 5], [1, 30], [1, 4, 8]]
 
 
+def image_after_text(model, prompts, run):
+    """The prompts with the image's place marked after their BOS (and text after it, so that
+    forward's text logits hold every prediction): one marker, or a run."""
+    marker = [model.config.image_token_id] * (model.config.n_image_tokens if run else 1)
+    return [p[:1] + marker + p[1:] for p in prompts]
+
+
 @pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("attention", ATTENTIONS)
-def test_cached_generation_matches_recomputation(fusion, attention):
+@pytest.mark.parametrize("layout", ["image-first", "one-marker", "marker-run"])
+def test_cached_generation_matches_recomputation(fusion, attention, layout):
     model = tiny_model(std=0.3, fusion=fusion, attention=attention)
     model.config.eos_id = 3
     torch.manual_seed(2)
     images = torch.rand(3, 3, 32, 32)
+    PROMPTS = globals()["PROMPTS"] if layout == "image-first" else \
+        image_after_text(model, globals()["PROMPTS"], layout == "marker-run")
     expected = [greedy_by_recomputation(model, images[b], PROMPTS[b], 10) for b in range(3)]
     assert any(len(e) > 3 for e in expected)
     assert model.generate(images, PROMPTS, max_new_tokens=10) == expected
