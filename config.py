@@ -138,11 +138,18 @@ def check_device(name):
 
 
 def tiny():
-    """The embedded default: a CPU captioner and question answerer on Shapes in minutes (each
-    sample a chatml conversation: its caption and one question, in random order)."""
+    """The embedded default: a CPU captioner on Shapes in minutes."""
     return TrainConfig(model=SparseCutConfig(
         vit=ViTConfig(image_size=48, patch_size=8, width=96, n_layer=4, n_head=4, mlp_dim=384),
-        llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384), template="chatml"))
+        llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384)))
+
+
+def tiny_chat():
+    """The tiny model as an assistant: each Shapes sample a chatml conversation (a system prompt,
+    the image, its caption and questions about it, in random order; data.shapes_turns)."""
+    config = tiny()
+    config.model.template, config.out_dir, config.max_iters = "chatml", "out/tiny-chat", 2700
+    return config
 
 
 def tiny_frozen():
@@ -182,7 +189,7 @@ def smol():
         checkpoint_interval=500, max_caption_tokens=64)
 
 
-CONFIGS = {"tiny": tiny, "tiny-frozen": tiny_frozen, "llava15-7b": llava15_7b, "smol": smol}
+CONFIGS = {"tiny": tiny, "tiny-chat": tiny_chat, "tiny-frozen": tiny_frozen, "llava15-7b": llava15_7b, "smol": smol}
 
 
 def named_config(name):
@@ -337,7 +344,7 @@ def check_writable(path):
 
 def run_cli(main_function, argv):
     """Bad input ends in one line on stderr and exit status 2, never a traceback."""
-    from data import DataError
+    from formats import DataError
     try:
         main_function(argv)
     except (ValueError, DataError, CheckpointError, FloatingPointError, OSError) as error:

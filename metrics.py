@@ -17,7 +17,7 @@ from collections import Counter
 import torch
 
 from conversation import stop_id
-from data import Sample, conversation_tokens, decode, sample_tokens
+from data import Sample, caption_turns, conversation_tokens, decode, sample_tokens
 from fusion import FUSIONS
 from shapes import QUESTION_TYPES, parse_caption, question_about
 
@@ -124,8 +124,12 @@ def answer(model, tokenizer, images, samples, config, device, max_new_tokens, ba
     return replies
 
 
-def first_request(sample):
-    """The sample's first user turn alone: what the caption metrics ask."""
+def caption_request(sample, shapes):
+    """What the caption metrics ask: on Shapes the caption request alone (a training conversation
+    may open with a question), else the sample's first user turn (the instruction its caption
+    answers)."""
+    if shapes:
+        return Sample(caption_turns(sample.caption)[:1], sample.caption)
     return Sample(sample.turns[:1] if sample.turns[0]["from"] != "system" else sample.turns[:2],
                   sample.caption, sample.has_image)
 
@@ -157,7 +161,7 @@ def vqa_metrics(model, tokenizer, images, samples, config, device, **sampling):
 def evaluate(model, tokenizer, images, samples, config, shapes=True, device="cpu", **sampling):
     """Caption the images (reply to each sample's first request) greedily and score the replies
     against the samples' captions; on Shapes with a chat template, ask questions too."""
-    predictions = answer(model, tokenizer, images, [first_request(s) for s in samples], config, device,
+    predictions = answer(model, tokenizer, images, [caption_request(s, shapes) for s in samples], config, device,
                          config.max_caption_tokens - 1, **sampling)
     references = [s.caption for s in samples]
     if not shapes:

@@ -180,16 +180,13 @@ class SparseCut(nn.Module):
         """Each row's image start (B,) and the ids, labels and mask with the image run in place:
         found where input_ids hold config.image_token_id (one id is widened to n_image), or put
         first when no row has one (then the leading BOS is not a target, as before)."""
-        marker, B = self.config.image_token_id, input_ids.shape[0]
-        if not (input_ids == marker).any():
-            run = torch.full((B, n_image), marker, dtype=input_ids.dtype, device=input_ids.device)
-            input_ids = torch.cat([run, input_ids], dim=1)
-            if labels is not None:
-                labels = torch.cat([torch.full_like(run, -100), labels.masked_fill(
-                    torch.arange(labels.shape[1], device=labels.device) == 0, -100)], dim=1)
-            if attention_mask is not None:
-                attention_mask = torch.cat([torch.ones_like(run, dtype=torch.bool), attention_mask.bool()], 1)
-        elif n_image != 1 and bool(((input_ids == marker).sum(1) == 1).all()):
+        marker = self.config.image_token_id
+        if not (input_ids == marker).any():                               # one marker before it all
+            first = lambda t, fill: torch.cat([t.new_full((t.shape[0], 1), fill), t], dim=1)
+            input_ids = first(input_ids, marker)
+            labels = first(labels, -100).index_fill(1, labels.new_tensor([1]), -100) if labels is not None else None
+            attention_mask = first(attention_mask.bool(), True) if attention_mask is not None else None
+        if n_image != 1 and bool(((input_ids == marker).sum(1) == 1).all()):
             at = [int(row.nonzero()) for row in input_ids == marker]      # widen one id to the run
             widen = lambda t, fill: torch.stack([torch.cat([row[:p], row[p:p + 1].new_full((n_image,), fill),
                                                             row[p + 1:]]) for row, p in zip(t, at)])
@@ -198,8 +195,9 @@ class SparseCut(nn.Module):
             attention_mask = widen(attention_mask.bool(), True) if attention_mask is not None else None
         is_image = input_ids == marker
         starts = is_image.int().argmax(1)                                  # (B,) first image row
-        image_index, _ = image_rows((starts, starts + n_image), B, input_ids.shape[1], input_ids.device)
-        if not bool((is_image.sum(1) == n_image).all()) or not bool(is_image.gather(1, image_index).all()):
+        run = starts[:, None] + torch.arange(n_image, device=starts.device)   # where the run must be
+        if not bool((is_image.sum(1) == n_image).all()) or int(run.max()) >= input_ids.shape[1] \
+                or not bool(is_image.gather(1, run).all()):
             raise ValueError(f"each row of input_ids must mark the image with one run of {n_image} "
                              f"image_token_id ({marker}) tokens, or with one of them; found "
                              f"{is_image.sum(1).tolist()}")

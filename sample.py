@@ -22,7 +22,8 @@ import torch
 
 from config import RUN_CONFIG, TrainConfig, check_device, check_writable, load_run_config, parse_options, run_cli
 from conversation import IMAGE, stop_id
-from data import Sample, decode, encode, load_image, load_tokenizer, sample_tokens
+from data import Sample, decode, encode, load_tokenizer, sample_tokens
+from formats import load_image
 from shapes import CAPTION_REQUEST
 from llm import take_rows
 from model import SparseCut
@@ -74,6 +75,9 @@ def main(argv):
     images = torch.stack([load_image(p, size) for p in options.image]).to(options.device)
     if model.config.template == "plain":                      # [image][BOS] + the caption's start
         prompt, lead = encode(tokenizer, options.prompt, model.config.bos_id)[:-1], options.prompt.strip()
+        if len(prompt) + model.config.n_image_tokens > run.context_length:
+            raise ValueError(f"a prompt of {len(prompt)} tokens and {model.config.n_image_tokens} image tokens "
+                             f"does not fit the context of {run.context_length}: shorten it")
     else:                                                     # the user's turn; the reply follows
         turns = [{"from": "human", "value": f"{IMAGE}\n{options.prompt.strip() or CAPTION_REQUEST}"}]
         prompt, lead = sample_tokens(tokenizer, Sample(turns, ""), run, for_generation=True)[0], ""

@@ -11,7 +11,6 @@ and eval.json (the final metrics).
 """
 
 import json
-import math
 import os
 import sys
 import time

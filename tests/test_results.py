@@ -2,7 +2,6 @@
 pretraining, stage 1 then stage 2), the layer probe, the ablation command and its document,
 sample.py --show."""
 
-import json
 import os
 import re
 import sys

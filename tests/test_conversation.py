@@ -1,0 +1,246 @@
+"""Conversations: templates, label masks, the image anywhere in a batch, Shapes questions, LLaVA's
+data formats and their bad input."""
+
+import json
+import random
+
+import pytest
+import torch
+
+import sample
+import train
+from config import run_cli
+from conftest import tiny_model
+from conversation import ConversationError, render, stop_id, tokenize
+from data import Sample, build_tokenizer, read_samples, sample_tokens, template_words
+from metrics import shapes_questions
+from shapes import COLORS, COUNT_WORDS, QUESTION_TYPES, SHAPES, parse_caption, question_about, shapes_split
+from test_bad_input import TINY_RUN, expect_error, image, run_dir  # noqa: F401 (a fixture)
+
+N_IMAGE = 3
+WORDS = ["what", "colour", "is", "the", "star", "?", "red", "how", "many", "objects", "are", "there", "two"]
+TWO_TURNS = [{"from": "human", "value": "<image>\nwhat colour is the star?"}, {"from": "gpt", "value": "red"},
+             {"from": "human", "value": "how many objects are there?"}, {"from": "gpt", "value": "two"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(sorted(set(template_words() + WORDS)))
+
+
+def llava_v1_labels(tokenizer, system, turns, n_image):
+    """LLaVA's own algorithm (llava/train/train.py, preprocess_v1), written independently: the
+    prompt joined as conv_vicuna_v1 writes it, cut into rounds at "</s>", each round's instruction
+    (up to and including "ASSISTANT: ") masked, counted in tokens with <image> as n_image."""
+    def count(text):
+        parts = text.split("<image>")
+        return sum(len(tokenizer.encode(p, add_special_tokens=False).ids) for p in parts) + n_image * (len(parts) - 1)
+
+    def ids(text):
+        out = []
+        for k, part in enumerate(text.split("<image>")):
+            out += [-200] * n_image * bool(k) + tokenizer.encode(part, add_special_tokens=False).ids
+        return out
+    rounds = [f"USER: {turns[i]['value']} ASSISTANT: {turns[i + 1]['value']}" for i in range(0, len(turns), 2)]
+    conversation = system + " " + "</s>".join(rounds) + "</s>"
+    input_ids = [1] + ids(conversation)
+    labels = list(input_ids)
+    position = 1
+    labels[0] = -100
+    for k, round_text in enumerate(conversation.split("</s>")[:-1]):
+        if k == 0:
+            round_text = round_text[len(system) + 1:]
+            labels[position:position + count(system + " ")] = [-100] * count(system + " ")
+            position += count(system + " ")
+        instruction = round_text.split("ASSISTANT: ")[0] + "ASSISTANT: "
+        labels[position:position + count(instruction)] = [-100] * count(instruction)
+        position += count(round_text) + 1                       # the round and its "</s>"
+    return input_ids, labels
+
+
+def test_vicuna_v1_two_turns_label_mask_matches_llava(tokenizer):
+    from conversation import VICUNA_SYSTEM
+    pieces = render(TWO_TURNS, "vicuna_v1")
+    assert "".join(p for p, _ in pieces) == (
+        f"{VICUNA_SYSTEM} USER: <image>\nwhat colour is the star? ASSISTANT: red</s>"
+        "USER: how many objects are there? ASSISTANT: two</s>")
+    ids, labels = tokenize(pieces, tokenizer, "vicuna_v1", N_IMAGE, -200, 1, 2)
+    expected_ids, expected_labels = llava_v1_labels(tokenizer, VICUNA_SYSTEM, TWO_TURNS, N_IMAGE)
+    assert ids == expected_ids
+    assert labels == expected_labels
+    trained = [tokenizer.id_to_token(t) for t in labels if t != -100]
+    assert trained == ["red", "</s>", "two", "</s>"]            # the answers and their end of turn
+    assert stop_id(tokenizer, "vicuna_v1", 2) == tokenizer.token_to_id("</s>")
+
+
+def test_chatml_and_plain(tokenizer):
+    pieces = render(TWO_TURNS, "chatml")
+    assert "".join(p for p, _ in pieces) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
+        "what colour is the star?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n<|im_start|>user\n"
+        "how many objects are there?<|im_end|>\n<|im_start|>assistant\ntwo<|im_end|>\n")
+    ids, labels = tokenize(pieces, tokenizer, "chatml", N_IMAGE, -200, 1, 2)
+    assert ids[0] == tokenizer.token_to_id("<|im_start|>")      # no BOS
+    assert [tokenizer.id_to_token(t) for t in labels if t != -100] == ["red", "<|im_end|>", "two", "<|im_end|>"]
+    prompt = render(TWO_TURNS[:1], "chatml", for_generation=True)
+    assert "".join(p for p, _ in prompt).endswith("<|im_start|>assistant\n")
+    ids, labels = tokenize(render(TWO_TURNS, "plain"), tokenizer, "plain", N_IMAGE, -200, 1, 2)
+    assert ids == [-200] * N_IMAGE + [1, tokenizer.token_to_id("red"), 2]       # the image, BOS, answer, EOS
+    assert labels == [-100] * (N_IMAGE + 1) + ids[-2:]
+
+
+@pytest.mark.parametrize("turns,has_image,match", [
+    ([{"from": "robot", "value": "hi"}], True, "unknown role 'robot'"),
+    ([{"from": "human", "value": "hi <image>"}, {"from": "gpt", "value": "x"}], False, "<image> in a record that has no image"),
+    ([{"from": "human", "value": "<image> <image>"}, {"from": "gpt", "value": "x"}], True, "one <image> placeholder, not 2"),
+    ([{"from": "gpt", "value": "x"}], False, "a assistant turn where a user turn belongs"),
+])
+def test_bad_conversations(turns, has_image, match):
+    with pytest.raises(ConversationError, match=match):
+        render(turns, "vicuna_v1", has_image)
+    with pytest.raises(ConversationError, match="unknown template 'alpaca'"):
+        render(TWO_TURNS, "alpaca")
+
+
+def test_image_after_text_in_a_padded_batch_equals_each_row_alone():
+    """Rows whose images start at different places (left padding), one marker or a run: each row's
+    logits are those it has alone; a single marker is the same as a run."""
+    model = tiny_model(std=0.3, fusion="sparsecut")
+    N, M = model.config.n_image_tokens, model.config.image_token_id
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 32, 32)
+    rows = [[1, 7, 8] + [M] * N + [9, 10], [1] + [M] * N + [11, 12, 13, 14]]
+    alone = [model(images[b:b + 1], torch.tensor([r]))[0] for b, r in enumerate(rows)]
+    one_marker = model(images[:1], torch.tensor([[1, 7, 8, M, 9, 10]]))[0]
+    torch.testing.assert_close(one_marker, alone[0])
+    width = max(map(len, rows))
+    ids = torch.zeros(2, width, dtype=torch.long)
+    mask = torch.zeros(2, width, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        ids[b, width - len(r):], mask[b, width - len(r):] = torch.tensor(r), True
+    for attention in ("causal", "composite"):
+        model.config.attention = attention
+        alone = [model(images[b:b + 1], torch.tensor([r]))[0] for b, r in enumerate(rows)]
+        batched, _ = model(images, ids, attention_mask=mask)
+        for b, r in enumerate(rows):
+            text = len(r) - N
+            torch.testing.assert_close(batched[b, -text:], alone[b][0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="one run of 16 image_token_id"):
+        model(images[:1], torch.tensor([[1, M, 5, M]]))
+
+
+def test_loss_is_next_token_over_the_whole_sequence():
+    """The token after the image is predicted from the image's last row, as in transformers' LLaVA."""
+    model = tiny_model(std=0.3)
+    N, M = model.config.n_image_tokens, model.config.image_token_id
+    images = torch.rand(1, 3, 32, 32)
+    ids = torch.tensor([[1, 5] + [M] * N + [9, 10]])
+    labels = torch.full_like(ids, -100)
+    labels[0, -2] = 9                                          # the first text token after the image
+    _, loss = model(images, ids, labels)
+    h, span, injected, _, _, _ = model.embed(images, ids)
+    hidden = model.llm(inputs_embeds=h, injections=injected, image_span=span, return_hidden=True)
+    expected = torch.nn.functional.cross_entropy(model.llm.lm_head(hidden[:, 1 + N]), torch.tensor([9]))
+    torch.testing.assert_close(loss, expected)
+
+
+def test_text_only_rows_never_see_their_blank_image(tokenizer):
+    """A text-only sample's image run goes after its text, where causal order hides it."""
+    config = train.parse_args(["--template", "vicuna_v1", "--vit.image_size", "16", "--vit.patch_size", "8"])
+    text_only = Sample([{"from": "human", "value": "what is the star?"}, {"from": "gpt", "value": "red"}], "red", False)
+    ids, labels = sample_tokens(tokenizer, text_only, config)
+    N, M = config.model.n_image_tokens, config.model.image_token_id
+    assert ids[-N:] == [M] * N and M not in ids[:-N] and labels[-N:] == [-100] * N
+    model = tiny_model(std=0.3)
+    ids = torch.tensor([[1, 5, 7, 9, 11] + [M] * model.config.n_image_tokens])      # text, then the run
+    for attention in ("causal", "composite"):
+        model.config.attention = attention
+        a, _ = model(torch.rand(1, 3, 32, 32), ids)
+        b, _ = model(torch.rand(1, 3, 32, 32), ids)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_shapes_questions_are_answered_by_the_scene():
+    rng = random.Random(0)
+    _, captions = shapes_split("val", 200)
+    kinds = set()
+    for caption in captions:
+        objects, _ = parse_caption(caption)
+        for kind in QUESTION_TYPES:
+            question, answer = question_about(objects, kind, rng)
+            words = question.rstrip("?").split()
+            if question.startswith("is there"):
+                kinds.add("exists")
+                assert answer == ("yes" if any((o.color, o.shape) == (words[3], words[4]) for o in objects) else "no")
+            elif question.startswith("how many"):
+                assert answer == COUNT_WORDS[len(objects)]
+            elif question.startswith("where"):
+                assert [o.position for o in objects if (o.color, o.shape) == (words[3], words[4])] == [answer]
+            elif "at the" in question:
+                position = question.rstrip("?").split(" at the ")[1]
+                obj = next(o for o in objects if o.position == position)
+                assert answer == getattr(obj, "color" if words[1] == "colour" else words[1])
+            else:                                                # named by colour and shape, or shape
+                named = [o for o in objects if o.shape == words[-1] and (words[-2] not in COLORS or o.color == words[-2])]
+                assert len(named) == 1 and answer == getattr(named[0], "color" if words[1] == "colour" else words[1])
+            kinds.add(kind)
+    assert kinds == set(QUESTION_TYPES) and {w for w in COLORS} and SHAPES
+    exists = [q.caption for _, kind, q in shapes_questions([Sample([], c) for c in captions]) if kind == "exists"]
+    assert 0.3 < exists.count("yes") / len(exists) < 0.7          # balanced
+
+
+def test_llava_formats(tmp_path, tokenizer):
+    """LLaVA-665K: several turns, <image> anywhere in the first turn, records without an image;
+    LCS-558K with plain: the caption alone."""
+    image(tmp_path, "a.png")
+    records = [{"id": "1", "image": "a.png", "conversations": [
+        {"from": "human", "value": "what colour is the star?\n<image>"}, {"from": "gpt", "value": "red"},
+        {"from": "human", "value": "how many objects are there?"}, {"from": "gpt", "value": "two"}]},
+        {"id": "2", "conversations": [{"from": "human", "value": "what is the star?"}, {"from": "gpt", "value": "red"}]}]
+    (tmp_path / "llava_v1_5_mix665k.json").write_text(json.dumps(records))
+    samples = read_samples(str(tmp_path))
+    assert [(p is not None, s.has_image, s.caption) for p, s in samples] == [(True, True, "red"), (False, False, "red")]
+    config = train.parse_args(["--template", "vicuna_v1", "--vit.image_size", "16", "--vit.patch_size", "8"])
+    N, M = config.model.n_image_tokens, config.model.image_token_id
+    ids, labels = sample_tokens(tokenizer, samples[0][1], config)
+    first_text = ids.index(M)
+    assert ids[first_text:first_text + N] == [M] * N
+    assert [tokenizer.id_to_token(t) for t in labels if t != -100] == ["red", "</s>", "two", "</s>"]
+    config.model.template = "plain"
+    ids, labels = sample_tokens(tokenizer, samples[0][1], config)
+    assert ids[:N + 1] == [M] * N + [1] and [t for t in labels if t != -100] == [tokenizer.token_to_id("red"), 2]
+
+
+def test_conversation_bad_input_ends_in_one_line(tmp_path, capsys, run_dir):  # noqa: F811
+    image(tmp_path, "a.png")
+    for records, match in (
+            ([{"image": "a.png", "conversations": [{"from": "robot", "value": "<image>"}]}], "unknown role 'robot'"),
+            ([{"conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]}],
+             "<image> in a record that has no image"),
+            ([{"image": "a.png", "conversations": [{"from": "human", "value": "<image><image>"},
+                                                   {"from": "gpt", "value": "x"}]}], "one <image> placeholder, not 2")):
+        (tmp_path / "data.json").write_text(json.dumps(records * 30))
+        expect_error(train.main, [*TINY_RUN, "--data", tmp_path, "--out_dir", tmp_path / "out"], match, capsys)
+        assert not (tmp_path / "out" / "checkpoint").exists()
+    expect_error(train.main, [*TINY_RUN, "--template", "alpaca", "--out_dir", tmp_path / "out"],
+                 "--template must be one of plain, vicuna_v1, chatml, not 'alpaca'", capsys)
+    expect_error(sample.main, ["--image", tmp_path / "a.png", "--checkpoint", run_dir, "--prompt", "what " * 300],
+                 "does not fit the context of", capsys)
+
+
+def test_a_chat_run_reports_vqa_per_type_and_answers_a_prompt(tmp_path, capsys):
+    """tiny-chat end to end: trains on conversations, eval.json holds vqa_acc overall and per
+    question type, the checkpoint records its template, and sample.py answers --prompt."""
+    import eval as eval_script
+    from test_cli import run
+    out = tmp_path / "chat"
+    run("train.py", "--config", "tiny-chat", *TINY_RUN, "--n_test", 7, "--out_dir", out)
+    metrics = json.loads((out / "eval.json").read_text())
+    assert {"vqa_acc", "object_f1"} <= set(metrics)
+    assert {f"vqa_{kind}_acc" for kind in QUESTION_TYPES} <= set(metrics)   # 7 images, 14 questions
+    assert json.loads((out / "checkpoint" / "config.json").read_text())["template"] == "chatml"
+    image(tmp_path, "a.png")
+    result = run("sample.py", "--image", tmp_path / "a.png", "--checkpoint", out, "--prompt", "what colour is the star?")
+    assert len(result.stdout.strip().splitlines()) == 1
+    run_cli(eval_script.main, ["--checkpoint", str(out)])
+    assert json.loads((out / "eval_test.json").read_text()) == metrics        # eval reads the run's template
