@@ -244,3 +244,5 @@ def test_a_chat_run_reports_vqa_per_type_and_answers_a_prompt(tmp_path, capsys):
     assert len(result.stdout.strip().splitlines()) == 1
     run_cli(eval_script.main, ["--checkpoint", str(out)])
     assert json.loads((out / "eval_test.json").read_text()) == metrics        # eval reads the run's template
+    expect_error(sample.main, ["--image", tmp_path / "a.png", "--checkpoint", out, "--prompt", "what " * 300],
+                 "a prompt of 318 tokens (the image counts 4) does not fit the context of 256", capsys)

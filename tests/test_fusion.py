@@ -70,20 +70,25 @@ def test_deepstack_adds_its_stacks_before_start_interval_layers():
 
 
 @pytest.mark.parametrize("mode", INJECTING)
-def test_injections_touch_only_image_positions_from_their_layer_on(mode):
+@pytest.mark.parametrize("text_before", [0, 3], ids=["image-first", "after-text"])
+def test_injections_touch_only_image_positions_from_their_layer_on(mode, text_before):
+    """Through the whole model: ids that place the image after `text_before` text tokens."""
     model = tiny_model(std=0.1, **INJECTING[mode])
     images = torch.rand(2, 3, 32, 32)
-    visual, injected = model.encode_images(images)
+    _, injected = model.encode_images(images)
     assert injected, f"{mode} injects nothing"
-    N = visual.shape[1]
-    h = torch.cat([visual, model.llm.embed_tokens(torch.randint(3, 40, (2, 5)))], dim=1)
-    plain = layer_inputs(model.llm, inputs_embeds=h, image_span=(0, N))
-    shortcut = layer_inputs(model.llm, inputs_embeds=h, image_span=(0, N), injections=injected)
+    N, M = model.config.n_image_tokens, model.config.image_token_id
+    ids = torch.cat([torch.randint(3, 40, (2, text_before)), torch.full((2, N), M), torch.randint(3, 40, (2, 5))], 1)
+    h, span, injected, _, _, _ = model.embed(images, ids)
+    assert bool((span[0] == text_before).all())
+    plain = layer_inputs(model.llm, inputs_embeds=h, image_span=span)
+    shortcut = layer_inputs(model.llm, inputs_embeds=h, image_span=span, injections=injected)
     first = min(injected)
     for i in range(first):
         assert torch.equal(plain[i], shortcut[i]), f"layer {i} changed before the first injection"
     changed = (plain[first] != shortcut[first]).any(-1)           # (B, T)
-    assert changed[:, :N].all() and not changed[:, N:].any()
+    image = slice(text_before, text_before + N)
+    assert changed[:, image].all() and not changed[:, :text_before].any() and not changed[:, image.stop:].any()
 
 
 @pytest.mark.parametrize("mode", INJECTING)
