@@ -181,6 +181,16 @@ def load_train_state(path):
                               "or start a new run") from None
 
 
+def run_tokenizer(config, ckpt_path):
+    """The run's own when resuming; that of the checkpoint it starts from (a stage-1 run, a
+    LLaVA-1.5 directory) when it has one; else None (make_data builds or loads one)."""
+    if config.resume:
+        return load_tokenizer(ckpt_path)
+    if config.init_from and os.path.isfile(os.path.join(checkpoint_dir(config.init_from), "tokenizer.json")):
+        return load_tokenizer(checkpoint_dir(config.init_from))
+    return None
+
+
 def start_log(metrics_path, resume, start_step):
     """Resuming: keep the records up to the checkpoint's step (later ones the crash lost). A new
     run: an earlier log is kept as metrics.jsonl.N, never truncated."""
@@ -207,7 +217,7 @@ def train(config):
     torch.manual_seed(config.seed)
     dtype = autocast_dtype(config, device)
     ckpt_path = os.path.join(config.out_dir, "checkpoint")
-    data = make_data(config, load_tokenizer(ckpt_path) if config.resume else None)
+    data = make_data(config, run_tokenizer(config, ckpt_path))
     if not config.model.llm_path:
         config.model.llm.vocab_size = data.tokenizer.get_vocab_size()
     if config.clip.iters > 0 and not os.path.isdir(config.model.vit_path):

@@ -126,3 +126,28 @@ def test_unsupported_llava_settings_are_refused(llava_dir, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="vision_feature_select_strategy 'full' is not supported"):
         SparseCut.from_pretrained(str(out))
+
+
+def test_train_init_from_a_llava_directory(llava_dir, tmp_path):
+    """`train.py --init_from LLAVA_DIR --fusion sparsecut`: a stage 2 on LLaVA conversations that
+    starts from LLaVA-1.5's encoder, LLM and tokenizer."""
+    from PIL import Image
+
+    from test_cli import run
+    path, _ = llava_dir
+    words = sorted(set(template_words() + ["what", "is", "this", "?", "a", "cat", "red", "square"]))
+    build_tokenizer(words).save(os.path.join(path, "tokenizer.json"))
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(4):
+        Image.new("RGB", (40, 40), (200, 10 * i, 10)).save(data / f"{i}.png")
+    (data / "llava_v1_5_mix665k.json").write_text(json.dumps([{"image": f"{i}.png", "conversations": [
+        {"from": "human", "value": "what is this?\n<image>"}, {"from": "gpt", "value": "a red square"},
+        {"from": "human", "value": "is this a cat?"}, {"from": "gpt", "value": "a square"}]} for i in range(4)]
+        + [{"conversations": [{"from": "human", "value": "what is a cat?"}, {"from": "gpt", "value": "a cat"}]}]))
+    out = tmp_path / "s2"
+    run("train.py", "--init_from", path, "--fusion", "sparsecut", "--template", "vicuna_v1", "--data", data,
+        "--max_iters", 2, "--batch_size", 2, "--n_val", 1, "--n_test", 1, "--eval_interval", 100, "--out_dir", out)
+    config = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert (config["fusion"], config["template"], config["llm"]["vocab_size"]) == ("sparsecut", "vicuna_v1", VOCAB)
+    assert (out / "checkpoint" / "tokenizer.json").read_text() == open(os.path.join(path, "tokenizer.json")).read()
