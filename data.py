@@ -15,7 +15,7 @@ import torch
 from conversation import IMAGE, SPECIAL_TEXT, TEMPLATES, ConversationError, render, tokenize
 from formats import DataError, Sample, caption_turns, load_image, read_samples, tolerated_bad
 from shapes import (CAPTION_REQUEST, QUESTION_TYPES, parse_caption, question_about, question_vocabulary,
-                    shapes_split, shapes_vocabulary)
+                    SPLIT_SEEDS, shapes_split, shapes_vocabulary)
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]           # ids 0, 1, 2, 3
 TEMPLATE_TOKENS = list(SPECIAL_TEXT)                             # ids 4.. (conversation.py)
@@ -138,7 +138,7 @@ class ShapesData:
 
     def split(self, name, n):
         images, captions = shapes_split(name, n)
-        return to_tensor(images), self.samples(captions, len(name))
+        return to_tensor(images), self.samples(captions, SPLIT_SEEDS[name])   # the questions of val_loss
 
 
 class FolderData:
