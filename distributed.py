@@ -29,7 +29,11 @@ class Context:
             dist.barrier()
 
     def close(self):
+        """Every rank leaves together, right after training (rank 0 then evaluates alone): a rank
+        that tore its group down while another still used it once ended in gloo's C++ terminate
+        (SIGABRT) in CI."""
         if self.world > 1 and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

@@ -319,8 +319,8 @@ def main(argv):
     config = parse_args(argv)
     with worker_failures():
         model, data, context, dtype = train(config)
+    context.close()                     # every rank leaves the group together, before evaluation
     if not context.main:
-        context.close()
         return
     # One process evaluates an ordinary (unwrapped, unsharded) model.
     if context.world == 1:
@@ -336,7 +336,6 @@ def main(argv):
           f"IMAGE --checkpoint {config.out_dir}")
     if getattr(data, "skipped", None):
         print(f"skipped {len(data.skipped)} unreadable image(s) of {data.n_images} (warnings above)")
-    context.close()
 
 
 if __name__ == "__main__":
