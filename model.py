@@ -181,10 +181,10 @@ class SparseCut(nn.Module):
         found where input_ids hold config.image_token_id (one id is widened to n_image), or put
         first when no row has one (then the leading BOS is not a target, as before)."""
         marker = self.config.image_token_id
-        if not (input_ids == marker).any():                               # one marker before it all
-            first = lambda t, fill: torch.cat([t.new_full((t.shape[0], 1), fill), t], dim=1)
+        if not (input_ids == marker).any():                               # the whole run before it all
+            first = lambda t, fill: torch.cat([t.new_full((t.shape[0], n_image), fill), t], dim=1)
             input_ids = first(input_ids, marker)
-            labels = first(labels, -100).index_fill(1, labels.new_tensor([1]), -100) if labels is not None else None
+            labels = first(labels, -100).index_fill(1, labels.new_tensor([n_image]), -100) if labels is not None else None
             attention_mask = first(attention_mask.bool(), True) if attention_mask is not None else None
         if n_image != 1 and bool(((input_ids == marker).sum(1) == 1).all()):
             at = [int(row.nonzero()) for row in input_ids == marker]      # widen one id to the run
