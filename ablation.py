@@ -1,18 +1,25 @@
 """The ablation study: every variant x seeds x setting, trained and evaluated, then one table and
 the plots (DESIGN.md 6b).
 
-    python ablation.py [--seeds 3] [--recipe_seeds 5] [--setting scratch|frozen|both] [--only NAME ...] [--device cpu]
+    python ablation.py [--seeds 2] [--recipe_seeds 5] [--setting scratch|frozen|both] [--only NAME ...] [--jobs N] [--device cpu]
 
 Settings: `scratch` is the tiny recipe (`--config tiny`, everything trained end to end); `frozen`
 is the paper's setting at tiny scale (`--config tiny-frozen`: one CLIP-style encoder pretrained
 once into OUT/frozen/encoder and shared by every run, frozen; stage 1 fusion only, stage 2 with
 the LLM). Each run is a `python train.py` process writing OUT/SETTING/VARIANT/seedS; a run whose
 eval.json exists is not run again and an interrupted one is resumed, so the study picks up where
-it stopped (`--report true` trains nothing and tabulates the runs done so far). EE-MLLM-F rows evaluate the causal llava / sparsecut checkpoints with composite
-attention switched on (`eval.py --attention composite`). From scratch, llava and sparsecut get
-`--recipe_seeds` seeds (the tiny recipe's own check), the other core variants (CORE) `--seeds`, the
-rest `--other_seeds`; in the frozen setting CORE gets `--seeds`. Writes `--doc` (docs/ablation.md), its plots beside it
-(matplotlib, needed only here) and OUT/results.json.
+it stopped (`--report true` trains nothing and tabulates the runs done so far). EE-MLLM-F rows
+evaluate the causal llava / sparsecut checkpoints with composite attention switched on
+(`eval.py --attention composite`); a variant that builds the same model as one before it (dense
+is uniform when every LLM layer gets a shortcut) is not trained twice.
+
+Seeds, chosen so that the default study (both settings, every variant) takes about 90 minutes on
+2 CPU cores: from scratch llava and sparsecut (RECIPE) get `--recipe_seeds` (the tiny recipe's
+own check, 5), fusion-only and sparsecut (CORE, the study's question) `--seeds` (2) in each
+setting, every other variant `--other_seeds` (1). `--jobs` runs go side by side, each on cores /
+jobs threads (default on CPU: one per core, up to 4): small matrices keep one core busy but not
+two, so on 2 cores two 1-thread runs do about 1.5x the work of one 2-thread run. Writes `--doc` (docs/ablation.md), its plots
+beside it (matplotlib, needed only here) and OUT/results.json.
 """
 
 import json
@@ -26,6 +33,7 @@ from dataclasses import dataclass, field
 
 from config import check_device, named_config, parse_options, run_cli
 from data import make_data
+from fusion import FUSIONS
 from metrics import closed_form_flops
 from model import SparseCut
 
@@ -48,7 +56,8 @@ VARIANTS = {  # name: train.py options (beyond --config); the fusion mode and sh
 TRAINING_FREE = {  # eval-only rows: (the causal variant evaluated, the trained variant with its FLOPs)
     "llava (EE-MLLM-F)": ("llava", "llava+composite"),
     "sparsecut (EE-MLLM-F)": ("sparsecut", "sparsecut+composite")}
-CORE = ("llava", "llava+shortcuts", "fusion-only", "sparsecut")
+RECIPE = ("llava", "sparsecut")        # the tiny recipe's own check: --recipe_seeds from scratch
+CORE = ("fusion-only", "sparsecut")    # the study's question (shortcuts vs fusion alone): --seeds
 NOT_IN = {"frozen": {"llava-hires": "the frozen encoder was pretrained at 48 px; at 96 px its "
                                     "position embeddings do not apply"}}
 SETTINGS = {"scratch": "tiny", "frozen": "tiny-frozen"}
@@ -61,12 +70,13 @@ CAPTION_TOKENS = 16                   # text tokens per sample for the FLOPs col
 @dataclass
 class AblationOptions:
     recipe_seeds: int = 5             # seeds of llava and sparsecut from scratch (the tiny recipe's check)
-    seeds: int = 3                    # seeds of the other CORE variants, and of CORE in the frozen setting
+    seeds: int = 2                    # seeds of fusion-only, and of CORE in the frozen setting
     other_seeds: int = 1              # seeds of the other variants
     setting: str = "both"             # scratch | frozen | both
     only: list = field(default_factory=list)   # variant names (default: all)
     max_iters: int = 0                # 0: the recipe's own
     device: str = "cpu"
+    jobs: int = 0                     # runs side by side (0: one per CPU core up to 4 on cpu, 1 on a GPU)
     out_dir: str = "out/ablation"
     doc: str = "docs/ablation.md"
     probe: bool = True                # the layer probe of the frozen encoder (and a scratch sparsecut's)
@@ -78,48 +88,112 @@ class RunFailed(ValueError):
 
 
 def run(command, log_path):
-    """One train/eval process, its output kept in log_path; a failure names the log."""
+    """One eval process, its output kept in log_path; a failure names the log."""
     with open(log_path, "a") as log:
         log.write(f"\n$ {' '.join(command)}\n")
         log.flush()
-        started = time.time()
         done = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise RunFailed(f"{' '.join(command)} failed (exit {done.returncode}); see {log_path}")
-    return time.time() - started
 
 
-def train_run(options, setting, variant, seed):
-    """Train and evaluate one run unless its eval.json exists; its record (metrics, wall time)."""
-    run_dir = os.path.join(options.out_dir, setting, variant, f"seed{seed}")
-    record_path = os.path.join(run_dir, "ablation_run.json")
-    if os.path.isfile(os.path.join(run_dir, "eval.json")) and os.path.isfile(record_path):
-        with open(record_path) as f:
+@dataclass
+class Run:
+    """One training run of the study (a train.py process that also evaluates)."""
+    setting: str
+    variant: str
+    seed: int
+    dir: str
+    process: object = None            # while it runs: its subprocess.Popen, log file, start time
+    log: object = None
+    started: float = 0.0
+    makes_encoder: bool = False
+
+    @property
+    def record_path(self):
+        return os.path.join(self.dir, "ablation_run.json")
+
+    def record(self):
+        """Its metrics and wall time once it has finished (eval.json written), else None."""
+        if not (os.path.isfile(os.path.join(self.dir, "eval.json")) and os.path.isfile(self.record_path)):
+            return None
+        with open(self.record_path) as f:
             return json.load(f)
-    if options.report:
-        return None
-    os.makedirs(run_dir, exist_ok=True)
-    encoder = os.path.join(options.out_dir, "frozen", "encoder")
-    command = [sys.executable, os.path.join(HERE, "train.py"), "--config", SETTINGS[setting], "--out_dir", run_dir,
-               "--seed", str(seed), "--device", options.device, *VARIANTS[variant]]
-    if setting == "frozen":
-        command += ["--model.vit_path", encoder]
+
+
+def the_run(options, setting, variant, seed):
+    return Run(setting, variant, seed, os.path.join(options.out_dir, setting, variant, f"seed{seed}"))
+
+
+def encoder_dir(options):
+    return os.path.join(options.out_dir, "frozen", "encoder")
+
+
+def start(options, run, threads):
+    """Start run's train.py (resumed if it has a checkpoint) with `threads` CPU threads."""
+    os.makedirs(run.dir, exist_ok=True)
+    command = [sys.executable, os.path.join(HERE, "train.py"), "--config", SETTINGS[run.setting],
+               "--out_dir", run.dir, "--seed", str(run.seed), "--device", options.device, *VARIANTS[run.variant]]
+    if run.setting == "frozen":
+        command += ["--model.vit_path", encoder_dir(options)]
+        run.makes_encoder = not os.path.isdir(encoder_dir(options))
     if options.max_iters:
         command += ["--max_iters", str(options.max_iters)]
-    resumable = os.path.isdir(os.path.join(run_dir, "checkpoint"))
+    resumable = os.path.isdir(os.path.join(run.dir, "checkpoint"))
     command += ["--resume", "true"] if resumable else ["--overwrite", "true"]
-    made_encoder = setting == "frozen" and not os.path.isdir(encoder)
-    print(f"{setting:>7} {variant:<22} seed {seed}: training ...", end="", flush=True)
-    wall = run(command, os.path.join(run_dir, "train.log"))    # (of the attempt that finishes it)
-    if made_encoder:                                            # the shared encoder is not this run's time
-        with open(os.path.join(encoder, "config.json")) as f:
+    run.log = open(os.path.join(run.dir, "train.log"), "a")
+    run.log.write(f"\n$ {' '.join(command)}\n")
+    run.log.flush()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    run.started = time.time()
+    run.process = subprocess.Popen(command, stdout=run.log, stderr=subprocess.STDOUT, env=env)
+
+
+def finish(options, run):
+    """Its record once its process has ended: metrics and wall time (of the attempt that finished it,
+    less the shared encoder's pretraining if this run made it)."""
+    run.log.close()
+    if run.process.returncode != 0:
+        raise RunFailed(f"{' '.join(run.process.args)} failed (exit {run.process.returncode}); "
+                        f"see {os.path.join(run.dir, 'train.log')}")
+    wall = time.time() - run.started
+    if run.makes_encoder:
+        with open(os.path.join(encoder_dir(options), "config.json")) as f:
             wall -= json.load(f)["sparsecut_pretraining"]["seconds"]
-    with open(os.path.join(run_dir, "eval.json")) as f:
-        record = {"metrics": json.load(f), "wall_s": wall}
-    with open(record_path, "w") as f:
+    with open(os.path.join(run.dir, "eval.json")) as f:
+        record = {"metrics": json.load(f), "wall_s": wall, "side_by_side": options.jobs}
+    with open(run.record_path, "w") as f:
         json.dump(record, f, indent=2)
-    print(f" {wall:.0f} s, object_f1 {record['metrics']['object_f1']:.3f}", flush=True)
-    return record
+    print(f"{run.setting:>7} {run.variant:<22} seed {run.seed}: {wall:.0f} s, "
+          f"object_f1 {record['metrics']['object_f1']:.3f}", flush=True)
+
+
+def train_all(options, runs):
+    """Train the runs not done yet, options.jobs processes side by side with cores / jobs threads
+    each (small matrices use one core well and two poorly: two 1-thread runs do 1.5x the work of
+    one 2-thread run on 2 cores). The first frozen run pretrains the shared encoder alone."""
+    pending = [run for run in runs if run.record() is None]
+    threads = max(1, (os.cpu_count() or 1) // options.jobs)
+    running = []
+    try:
+        while pending or running:
+            for run in list(pending):
+                if len(running) >= options.jobs:
+                    break
+                encoder_busy = (run.setting == "frozen" and not os.path.isdir(encoder_dir(options))
+                                and any(r.setting == "frozen" for r in running))
+                if not encoder_busy:
+                    pending.remove(run)
+                    start(options, run, threads)
+                    running.append(run)
+            time.sleep(1)
+            for run in [r for r in running if r.process.poll() is not None]:
+                running.remove(run)
+                finish(options, run)
+    finally:
+        for run in running:                       # a failure or Ctrl-C: the others resume next time
+            run.process.terminate()
+            run.process.wait()
 
 
 def training_free_run(options, setting, causal_variant, seed):
@@ -139,6 +213,14 @@ def flops_of(setting, variant):
     parse_options(config, list(VARIANTS[variant]))
     config.model.llm.vocab_size = make_data(config).tokenizer.get_vocab_size()    # the Shapes words
     return closed_form_flops(config.model, CAPTION_TOKENS), config
+
+
+def same_model(setting, variant, other):
+    """Whether two variants build the same model: configs equal once shortcut patterns are resolved."""
+    def resolved(name):
+        model = flops_of(setting, name)[1].model
+        return {**model.to_dict(), "shortcuts": FUSIONS[model.fusion].make_plan(model)}
+    return resolved(variant) == resolved(other)
 
 
 def training_flops(setting, variant, max_iters=0):
@@ -236,33 +318,48 @@ def main(argv):
     if min(options.seeds, options.other_seeds, options.recipe_seeds) < 1:
         raise ValueError("--seeds, --recipe_seeds and --other_seeds must be at least 1")
     check_device(options.device)
+    if options.jobs < 0:
+        raise ValueError(f"--jobs must be >= 0 (0: one run per CPU core), not {options.jobs}")
+    options.jobs = options.jobs or (min(4, os.cpu_count() or 1) if options.device == "cpu" else 1)
     chosen = options.only or [*VARIANTS, *TRAINING_FREE]
     started = time.time()
-    results, skipped = {}, []
+    plan, skipped = [], []                       # (setting, variant, the causal variant trained, seeds)
     for setting in settings:
-        rows = []
         for variant in chosen:
             if variant in NOT_IN.get(setting, {}):
                 skipped.append(f"{variant} ({setting}): {NOT_IN[setting][variant]}")
                 continue
-            causal, costed = TRAINING_FREE.get(variant, (variant, variant))
+            causal = TRAINING_FREE.get(variant, (variant,))[0]
             n_seeds = options.seeds if causal in CORE else options.other_seeds
-            if setting == "scratch" and causal in ("llava", "sparsecut"):
+            if setting == "scratch" and causal in RECIPE:
                 n_seeds = options.recipe_seeds
-            records = []
-            for seed in range(1, n_seeds + 1):
-                record = train_run(options, setting, causal, seed)
-                if record is not None and variant in TRAINING_FREE:
-                    record = training_free_run(options, setting, causal, seed)
-                records += [record] if record is not None else []
-            if len(records) < n_seeds:
-                skipped.append(f"{variant} ({setting}): {n_seeds - len(records)} of {n_seeds} seed(s) not run yet")
-            if not records:
+            twin = next((other for other in VARIANTS if other != variant and other in chosen and
+                         list(VARIANTS).index(other) < list(VARIANTS).index(variant) and
+                         same_model(setting, variant, other)), None) if variant in VARIANTS else None
+            if twin:                                   # e.g. dense = uniform when every LLM layer gets one
+                skipped.append(f"{variant} ({setting}): the same model as {twin} (its shortcut plan "
+                               f"resolves to the same pairs at these depths), so {twin}'s row is its row")
                 continue
-            flops, _ = flops_of(setting, costed)
-            rows.append({"variant": variant, "records": records, "llm_flops": flops["llm"],
-                         "train_flops": training_flops(setting, causal, options.max_iters), "trained": variant in VARIANTS})
-        results[setting] = rows
+            plan.append((setting, variant, causal, n_seeds))
+    runs = {}
+    for setting, _, causal, n_seeds in plan:
+        for seed in range(1, n_seeds + 1):
+            runs.setdefault((setting, causal, seed), the_run(options, setting, causal, seed))
+    if not options.report:                          # the costliest first, so none is left running alone
+        train_all(options, sorted(runs.values(), key=lambda r: -training_flops(r.setting, r.variant)))
+    results = {setting: [] for setting in settings}
+    for setting, variant, causal, n_seeds in plan:
+        records = [runs[setting, causal, seed].record() for seed in range(1, n_seeds + 1)]
+        records = [training_free_run(options, setting, causal, seed) if variant in TRAINING_FREE else record
+                   for seed, record in enumerate(records, 1) if record is not None]
+        if len(records) < n_seeds:
+            skipped.append(f"{variant} ({setting}): {n_seeds - len(records)} of {n_seeds} seed(s) not run yet")
+        if not records:
+            continue
+        costed = TRAINING_FREE.get(variant, (variant, variant))[1]
+        results[setting].append({"variant": variant, "records": records, "llm_flops": flops_of(setting, costed)[0]["llm"],
+                                 "train_flops": training_flops(setting, causal, options.max_iters),
+                                 "trained": variant in VARIANTS})
     probe = probe_tables(options, settings) if options.probe else {}
     doc_dir = os.path.dirname(options.doc) or "."
     os.makedirs(doc_dir, exist_ok=True)
@@ -285,7 +382,13 @@ def write_doc(options, argv, results, probe, images, skipped, seconds):
         "one seed, else one run. `LLM GFLOPs/sample` is the closed-form forward count of the LLM "
         f"(image tokens + {CAPTION_TOKENS} caption tokens); `train TFLOPs` counts the whole run "
         "(3 x forward for trained parts, 1 x for the frozen encoder). Wall time is per run, training "
-        "and evaluation, on a shared machine.",
+        f"and evaluation, with {options.jobs} run(s) side by side on {max(1, (os.cpu_count() or 1) // options.jobs)} "
+        "CPU thread(s) each, on a shared machine.",
+        "",
+        f"Seeds: from scratch {', '.join(RECIPE)} {options.recipe_seeds} (the tiny recipe's check); "
+        f"{', '.join(CORE)} {options.seeds} in each setting (shortcuts against fusion alone); every other "
+        f"variant {options.other_seeds}. Steps: each run is its config's own recipe "
+        f"({options.max_iters or named_config('tiny').max_iters} steps of {named_config('tiny').batch_size}).",
     ]
     titles = {"scratch": "From scratch (`--config tiny`: the ViT trains with everything else)",
               "frozen": "Frozen pretrained encoder (`--config tiny-frozen`: CLIP-style encoder, "

@@ -115,13 +115,15 @@ def test_layer_probe_reads_colour_off_the_embeddings():
 
 
 def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
-    args = ["--setting", "scratch", "--only", "llava", "llava (EE-MLLM-F)", "--recipe_seeds", 1,
+    args = ["--setting", "scratch", "--only", "llava", "llava (EE-MLLM-F)", "--recipe_seeds", 2, "--jobs", 2,
             "--max_iters", 2, "--probe", "false", "--out_dir", tmp_path / "out", "--doc", tmp_path / "doc" / "a.md"]
     run("ablation.py", *args)
     run("ablation.py", *args)                                       # read back, not retrained
     log = (tmp_path / "out" / "scratch" / "llava" / "seed1" / "train.log").read_text()
     assert log.count("$ ") == 1
-    check_tables((tmp_path / "doc" / "a.md").read_text(), expect={"llava", "llava (EE-MLLM-F)"})
+    rows = check_tables((tmp_path / "doc" / "a.md").read_text(), expect={"llava", "llava (EE-MLLM-F)"})
+    assert [cells[1] for (_, variant), cells in rows.items() if variant == "llava"] == ["2"]   # both seeds, side by side
+    assert "with 2 run(s) side by side" in (tmp_path / "doc" / "a.md").read_text()
     assert (tmp_path / "doc" / "ablation_quality_vs_flops.png").stat().st_size > 1000
     report = [a if a != "llava (EE-MLLM-F)" else "concat" for a in args] + ["--report", "true"]
     run("ablation.py", *report)                                     # trains nothing, lists the rest
@@ -129,6 +131,15 @@ def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
     assert "concat (scratch): 1 of 1 seed(s) not run yet" in text
     assert not (tmp_path / "out" / "scratch" / "concat").exists()
     check_tables(text, expect={"llava"})
+
+
+def test_a_variant_that_builds_the_same_model_is_not_trained_twice():
+    from ablation import same_model
+    assert same_model("scratch", "sparsecut-dense", "sparsecut")      # 4 LLM layers: dense = uniform
+    assert same_model("frozen", "sparsecut-dense", "sparsecut")
+    assert not same_model("scratch", "sparsecut-skew_top", "sparsecut")
+    assert not same_model("scratch", "fusion-only", "sparsecut")
+    assert not same_model("scratch", "llava-hires", "llava")
 
 
 HEADER = ["variant", "seeds", "object_f1", "exact_match", "shape", "color", "size", "texture",
