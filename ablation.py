@@ -18,8 +18,8 @@ Seeds, chosen so that the default study (both settings, every variant) takes abo
 own check, 5), fusion-only and sparsecut (CORE, the study's question) `--seeds` (2) in each
 setting, every other variant `--other_seeds` (1). `--jobs` runs go side by side, each on cores /
 jobs threads (default on CPU: one per core, up to 4): small matrices keep one core busy but not
-two, so on 2 cores two 1-thread runs do about 1.5x the work of one 2-thread run. Writes `--doc` (docs/ablation.md), its plots
-beside it (matplotlib, needed only here) and OUT/results.json.
+two, so on 2 cores two 1-thread runs do about 1.5x the work of one 2-thread run. Writes `--doc`
+(docs/ablation.md), its plots beside it (matplotlib, needed only here) and OUT/results.json.
 """
 
 import json
@@ -74,7 +74,8 @@ class AblationOptions:
     other_seeds: int = 1              # seeds of the other variants
     setting: str = "both"             # scratch | frozen | both
     only: list = field(default_factory=list)   # variant names (default: all)
-    max_iters: int = 0                # 0: the recipe's own
+    max_iters: int = 600              # steps of every run, chosen to fit the study into about 90
+                                      # minutes (0: each config's own recipe, tiny's 750)
     device: str = "cpu"
     jobs: int = 0                     # runs side by side (0: one per CPU core up to 4 on cpu, 1 on a GPU)
     out_dir: str = "out/ablation"
@@ -104,6 +105,7 @@ class Run:
     variant: str
     seed: int
     dir: str
+    steps: int = 0
     process: object = None            # while it runs: its subprocess.Popen, log file, start time
     log: object = None
     started: float = 0.0
@@ -117,12 +119,18 @@ class Run:
         """Its metrics and wall time once it has finished (eval.json written), else None."""
         if not (os.path.isfile(os.path.join(self.dir, "eval.json")) and os.path.isfile(self.record_path)):
             return None
+        with open(os.path.join(self.dir, "checkpoint", "train_config.json")) as f:
+            steps = json.load(f)["max_iters"]
+        if steps != self.steps:
+            raise ValueError(f"{self.dir} holds a run of {steps} steps, not {self.steps}: give another "
+                             f"--out_dir, or --max_iters {steps} to tabulate those runs")
         with open(self.record_path) as f:
             return json.load(f)
 
 
 def the_run(options, setting, variant, seed):
-    return Run(setting, variant, seed, os.path.join(options.out_dir, setting, variant, f"seed{seed}"))
+    return Run(setting, variant, seed, os.path.join(options.out_dir, setting, variant, f"seed{seed}"),
+               steps=options.max_iters or named_config(SETTINGS[setting]).max_iters)
 
 
 def encoder_dir(options):
@@ -137,8 +145,7 @@ def start(options, run, threads):
     if run.setting == "frozen":
         command += ["--model.vit_path", encoder_dir(options)]
         run.makes_encoder = not os.path.isdir(encoder_dir(options))
-    if options.max_iters:
-        command += ["--max_iters", str(options.max_iters)]
+    command += ["--max_iters", str(run.steps)]
     resumable = os.path.isdir(os.path.join(run.dir, "checkpoint"))
     command += ["--resume", "true"] if resumable else ["--overwrite", "true"]
     run.log = open(os.path.join(run.dir, "train.log"), "a")
@@ -350,14 +357,15 @@ def main(argv):
     results = {setting: [] for setting in settings}
     for setting, variant, causal, n_seeds in plan:
         records = [runs[setting, causal, seed].record() for seed in range(1, n_seeds + 1)]
-        records = [training_free_run(options, setting, causal, seed) if variant in TRAINING_FREE else record
-                   for seed, record in enumerate(records, 1) if record is not None]
+        records = [training_free_run(options, setting, causal, seed) if variant in TRAINING_FREE
+                   else record for seed, record in enumerate(records, 1) if record is not None]
         if len(records) < n_seeds:
             skipped.append(f"{variant} ({setting}): {n_seeds - len(records)} of {n_seeds} seed(s) not run yet")
         if not records:
             continue
         costed = TRAINING_FREE.get(variant, (variant, variant))[1]
-        results[setting].append({"variant": variant, "records": records, "llm_flops": flops_of(setting, costed)[0]["llm"],
+        results[setting].append({"variant": variant, "records": records,
+                                 "llm_flops": flops_of(setting, costed)[0]["llm"],
                                  "train_flops": training_flops(setting, causal, options.max_iters),
                                  "trained": variant in VARIANTS})
     probe = probe_tables(options, settings) if options.probe else {}
@@ -387,8 +395,9 @@ def write_doc(options, argv, results, probe, images, skipped, seconds):
         "",
         f"Seeds: from scratch {', '.join(RECIPE)} {options.recipe_seeds} (the tiny recipe's check); "
         f"{', '.join(CORE)} {options.seeds} in each setting (shortcuts against fusion alone); every other "
-        f"variant {options.other_seeds}. Steps: each run is its config's own recipe "
-        f"({options.max_iters or named_config('tiny').max_iters} steps of {named_config('tiny').batch_size}).",
+        f"variant {options.other_seeds}. Steps: every run "
+        f"{options.max_iters or named_config('tiny').max_iters} steps of {named_config('tiny').batch_size} "
+        f"(`--max_iters`; the tiny recipe's own: {named_config('tiny').max_iters}).",
     ]
     titles = {"scratch": "From scratch (`--config tiny`: the ViT trains with everything else)",
               "frozen": "Frozen pretrained encoder (`--config tiny-frozen`: CLIP-style encoder, "

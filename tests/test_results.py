@@ -125,6 +125,9 @@ def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
     assert [cells[1] for (_, variant), cells in rows.items() if variant == "llava"] == ["2"]   # both seeds, side by side
     assert "with 2 run(s) side by side" in (tmp_path / "doc" / "a.md").read_text()
     assert (tmp_path / "doc" / "ablation_quality_vs_flops.png").stat().st_size > 1000
+    other_steps = list(args)
+    other_steps[args.index("--max_iters") + 1] = 3                  # runs of 2 steps are not runs of 3
+    bad("ablation.py", *other_steps, "--report", "true", match="holds a run of 2 steps, not 3")
     report = [a if a != "llava (EE-MLLM-F)" else "concat" for a in args] + ["--report", "true"]
     run("ablation.py", *report)                                     # trains nothing, lists the rest
     text = (tmp_path / "doc" / "a.md").read_text()
