@@ -383,7 +383,7 @@ def write_doc(options, argv, results, probe, images, skipped, seconds):
     parts = [
         "# Ablation study",
         "",
-        f"Written by `python ablation.py {' '.join(argv)}` on {os.cpu_count()} CPU cores ({cpu}, "
+        f"Written by `{' '.join(['python ablation.py', *map(str, argv)])}` on {os.cpu_count()} CPU cores ({cpu}, "
         f"{platform.system()}), device `{options.device}`; this invocation took {seconds / 60:.0f} min "
         "(runs already done are read back, not repeated). Every figure is the test split "
         "(500 images) of the run's own recipe; mean ± std over seeds 1..N where a row has more than "
