@@ -257,7 +257,8 @@ def table(rows):
     return "\n".join(lines)
 
 
-def plots(results, probe, doc_dir):
+def plots(results, probe, doc_dir, stem):
+    """The plots beside the document, named after it (docs/ablation.md: ablation_*.png)."""
     import matplotlib                                          # optional: only the study needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -279,7 +280,7 @@ def plots(results, probe, doc_dir):
         ax.set_title(f"{setting}: quality against training compute")
         ax.grid(alpha=0.3)
     figure.tight_layout()
-    names.append("ablation_quality_vs_flops.png")
+    names.append(f"{stem}_quality_vs_flops.png")
     figure.savefig(os.path.join(doc_dir, names[-1]), dpi=110)
     plt.close(figure)
     if probe:
@@ -294,7 +295,7 @@ def plots(results, probe, doc_dir):
             ax.grid(alpha=0.3)
             ax.legend()
         figure.tight_layout()
-        names.append("ablation_layer_probe.png")
+        names.append(f"{stem}_layer_probe.png")
         figure.savefig(os.path.join(doc_dir, names[-1]), dpi=110)
         plt.close(figure)
     return names
@@ -371,7 +372,7 @@ def main(argv):
     probe = probe_tables(options, settings) if options.probe else {}
     doc_dir = os.path.dirname(options.doc) or "."
     os.makedirs(doc_dir, exist_ok=True)
-    images = plots(results, probe, doc_dir)
+    images = plots(results, probe, doc_dir, os.path.splitext(os.path.basename(options.doc))[0])
     with open(os.path.join(options.out_dir, "results.json"), "w") as f:
         json.dump({"results": results, "probe": probe}, f, indent=2)
     write_doc(options, argv, results, probe, images, skipped, time.time() - started)

@@ -124,7 +124,7 @@ def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
     rows = check_tables((tmp_path / "doc" / "a.md").read_text(), expect={"llava", "llava (EE-MLLM-F)"})
     assert [cells[1] for (_, variant), cells in rows.items() if variant == "llava"] == ["2"]   # both seeds, side by side
     assert "with 2 run(s) side by side" in (tmp_path / "doc" / "a.md").read_text()
-    assert (tmp_path / "doc" / "ablation_quality_vs_flops.png").stat().st_size > 1000
+    assert (tmp_path / "doc" / "a_quality_vs_flops.png").stat().st_size > 1000           # named after the doc
     other_steps = list(args)
     other_steps[args.index("--max_iters") + 1] = 3                  # runs of 2 steps are not runs of 3
     bad("ablation.py", *other_steps, "--report", "true", match="holds a run of 2 steps, not 3")
