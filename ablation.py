@@ -129,6 +129,7 @@ class Run:
 
 
 def the_run(options, setting, variant, seed):
+    """The run of (setting, variant, seed): its directory and its steps (--max_iters, or the config's)."""
     return Run(setting, variant, seed, os.path.join(options.out_dir, setting, variant, f"seed{seed}"),
                steps=options.max_iters or named_config(SETTINGS[setting]).max_iters)
 
@@ -341,9 +342,8 @@ def main(argv):
             n_seeds = options.seeds if causal in CORE else options.other_seeds
             if setting == "scratch" and causal in RECIPE:
                 n_seeds = options.recipe_seeds
-            twin = next((other for other in VARIANTS if other != variant and other in chosen and
-                         list(VARIANTS).index(other) < list(VARIANTS).index(variant) and
-                         same_model(setting, variant, other)), None) if variant in VARIANTS else None
+            earlier = list(VARIANTS)[:list(VARIANTS).index(variant)] if variant in VARIANTS else []
+            twin = next((other for other in earlier if other in chosen and same_model(setting, variant, other)), None)
             if twin:                                   # e.g. dense = uniform when every LLM layer gets one
                 skipped.append(f"{variant} ({setting}): the same model as {twin} (its shortcut plan "
                                f"resolves to the same pairs at these depths), so {twin}'s row is its row")

@@ -51,7 +51,7 @@ class TrainConfig:
     seed: int = 1337
     batch_size: int = 32
     grad_accum: int = 1
-    max_iters: int = 750             # the tiny recipe: 750 steps of 32 captions, about 4.5 min on 2 cores
+    max_iters: int = 750             # the tiny recipe: 750 steps of 32 captions, about 4 min on 2 cores
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
     warmup_iters: int = 100
