@@ -72,6 +72,10 @@ class TrainConfig:
     n_val: int = 256
     n_test: int = 500
     max_caption_tokens: int = 40      # longest answer (caption) + its end; generation stops one short of it
+    questions_per_image: int = 3      # Shapes in a chat template: questions in each training conversation
+    question_mix: str = "random"      # random: the caption request and the questions in one conversation,
+                                      # in random order; split: each conversation the caption alone (half
+                                      # of them) or the questions alone (README: random learns faster)
     context_length: int = 256         # longest sequence, image tokens included (longer samples are cut)
     resume: bool = False
     overwrite: bool = False           # a new run may replace the run already in out_dir
@@ -92,6 +96,10 @@ class TrainConfig:
                                ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")):
             if not ok:                                            # (NaN fails every rule)
                 raise ValueError(f"--{name} must be {rule}, not {getattr(self, name)}")
+        if self.questions_per_image < 0:
+            raise ValueError(f"--questions_per_image must be >= 0, not {self.questions_per_image}")
+        if self.question_mix not in ("random", "split"):
+            raise ValueError(f"--question_mix takes random or split, not {self.question_mix!r}")
         if self.model.template not in TEMPLATES:
             raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, not {self.model.template!r}")
         if self.context_length <= self.model.n_image_tokens + 2:

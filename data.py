@@ -91,18 +91,19 @@ def template_words():
     return [w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.replace("{}", " ").lower())]
 
 
-QUESTIONS_PER_IMAGE = 3
-
-
-def shapes_turns(caption, rng, template):
-    """A Shapes training conversation: the caption and QUESTIONS_PER_IMAGE questions of random
-    types, in random order, the image in the first user turn (`plain`: the caption alone)."""
+def shapes_turns(caption, rng, template, n_questions=3, mix="random"):
+    """A Shapes training conversation, the image in the first user turn: `random`, the caption
+    request and n_questions questions of random types in random order; `split`, either the caption
+    request alone (half the time) or the questions alone. `plain`: the caption alone."""
     if template == "plain":
         return caption_turns(caption)
     objects, _ = parse_caption(caption)
-    exchanges = [(CAPTION_REQUEST, caption)] + [question_about(objects, rng.choice(QUESTION_TYPES), rng)
-                                                for _ in range(QUESTIONS_PER_IMAGE)]
-    rng.shuffle(exchanges)
+    questions = [question_about(objects, rng.choice(QUESTION_TYPES), rng) for _ in range(n_questions)]
+    if mix == "random" or not questions:
+        exchanges = [(CAPTION_REQUEST, caption)] + questions
+        rng.shuffle(exchanges)
+    else:
+        exchanges = [(CAPTION_REQUEST, caption)] if rng.random() < 0.5 else questions
     turns = []
     for k, (question, answer) in enumerate(exchanges):
         turns += [{"from": "human", "value": f"{IMAGE}\n{question}" if k == 0 else question},
@@ -123,7 +124,9 @@ class ShapesData:
 
     def samples(self, captions, seed):
         rng = random.Random(seed)
-        return [Sample(shapes_turns(c, rng, self.config.model.template), c) for c in captions]
+        c = self.config
+        return [Sample(shapes_turns(caption, rng, c.model.template, c.questions_per_image, c.question_mix), caption)
+                for caption in captions]
 
     def batch(self, step, part=0, parts=1):
         """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step.

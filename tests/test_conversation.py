@@ -189,6 +189,33 @@ def test_shapes_questions_are_answered_by_the_scene():
     assert 0.3 < exists.count("yes") / len(exists) < 0.7          # balanced
 
 
+def test_shapes_conversations_mix_caption_and_questions():
+    """random: the caption request and every question in one conversation, the image in the first
+    user turn; split: the caption alone or the questions alone, about half each; 0 questions: the
+    caption alone."""
+    from data import shapes_turns
+    from shapes import CAPTION_REQUEST
+    _, captions = shapes_split("val", 200)
+    rng = random.Random(0)
+    caption_alone = 0
+    for mix in ("random", "split"):
+        for caption in captions:
+            turns = shapes_turns(caption, rng, "chatml", 4, mix)
+            asked = [t["value"].replace("<image>\n", "") for t in turns[0::2]]
+            assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+            has_caption = CAPTION_REQUEST in asked
+            if has_caption:
+                assert turns[asked.index(CAPTION_REQUEST) * 2 + 1]["value"] == caption
+            if mix == "random":
+                assert has_caption and len(asked) == 5
+            else:
+                assert asked == [CAPTION_REQUEST] if has_caption else len(asked) == 4
+                caption_alone += has_caption
+        assert shapes_turns(captions[0], rng, "chatml", 0, mix) == [
+            {"from": "human", "value": f"<image>\n{CAPTION_REQUEST}"}, {"from": "gpt", "value": captions[0]}]
+    assert 60 < caption_alone < 140
+
+
 def test_llava_formats(tmp_path, tokenizer):
     """LLaVA-665K: several turns, <image> anywhere in the first turn, records without an image;
     LCS-558K with plain: the caption alone."""
@@ -224,6 +251,8 @@ def test_conversation_bad_input_ends_in_one_line(tmp_path, capsys, run_dir):  # 
         assert not (tmp_path / "out" / "checkpoint").exists()
     expect_error(train.main, [*TINY_RUN, "--template", "alpaca", "--out_dir", tmp_path / "out"],
                  "--template must be one of plain, vicuna_v1, chatml, not 'alpaca'", capsys)
+    expect_error(train.main, [*TINY_RUN, "--question_mix", "shuffled", "--out_dir", tmp_path / "out"],
+                 "--question_mix takes random or split, not 'shuffled'", capsys)
     expect_error(sample.main, ["--image", tmp_path / "a.png", "--checkpoint", run_dir, "--prompt", "what " * 300],
                  "does not fit the context of", capsys)
 
