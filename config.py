@@ -75,7 +75,7 @@ class TrainConfig:
     questions_per_image: int = 3      # Shapes in a chat template: questions in each training conversation
     question_mix: str = "random"      # random: the caption request and the questions in one conversation,
                                       # in random order; split: each conversation the caption alone (half
-                                      # of them) or the questions alone (README: random learns faster)
+                                      # of them) or the questions alone (README: random did better, one run each)
     context_length: int = 256         # longest sequence, image tokens included (longer samples are cut)
     resume: bool = False
     overwrite: bool = False           # a new run may replace the run already in out_dir
