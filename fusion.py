@@ -131,10 +131,9 @@ class CrossAttention(nn.Module):
 class Fusion(nn.Module):
     """A fusion mode. forward(hidden, batch) -> input tokens (B, N, d), {llm_layer: (B, N, d)}.
 
-    The input tokens come from ViT layer `input_layer` (the penultimate), each shortcut's features
-    from its tapped ViT layer, all made by `features`, through one shared fuser (or one per
-    shortcut with `shortcut_projector="per_layer"`), optionally scaled by zero-initialised gates.
-    """
+    Input tokens from ViT layer `input_layer` (the penultimate), each shortcut's from its tapped
+    layer, all by `features` through one shared fuser (one per shortcut: `shortcut_projector=
+    "per_layer"`); `visual_norm`: each token at RMS 1 (not in the paper); zero gates optional."""
     high_res = True                  # does the mode run the ViT on the 4 high-res crops too?
     default_shortcuts = "none"       # the plan when config.shortcuts is "default"
 
@@ -148,6 +147,7 @@ class Fusion(nn.Module):
         n_fusers = 1 + len(self.plan) if config.shortcut_projector == "per_layer" else 1
         self.fusers = nn.ModuleList(self.make_fuser(config) for _ in range(n_fusers))
         self.gates = ShortcutGates(len(self.plan)) if config.shortcut_gate == "zero" and self.plan else None
+        self.norm = nn.RMSNorm(config.llm.width, eps=1e-6, elementwise_affine=False) if config.visual_norm else nn.Identity()
 
     @classmethod
     def make_plan(cls, config):
@@ -177,7 +177,7 @@ class Fusion(nn.Module):
         tokens = lambda layer: patch_tokens(hidden[layer], self.class_token)  # (V*B, G*G, D_vit)
         inputs = self.features(tokens(self.input_layer), batch, 0)          # (B, N, d)
         fused = [self.features(tokens(vit_layer), batch, 1 + k) for k, (vit_layer, _) in enumerate(self.plan)]
-        return inputs, injections(self.plan, fused, self.gates)
+        return self.norm(inputs), injections(self.plan, [self.norm(f) for f in fused], self.gates)
 
     def flops(self):
         """Forward FLOPs per sample (2 per multiply-add): the input tokens and every injection."""
@@ -244,8 +244,8 @@ class DeepStack(LLaVA):
     def forward(self, hidden, batch):
         low, crops = split_views(patch_tokens(hidden[self.input_layer], self.class_token), batch)                  # (B, G*G, D), (4, B, G*G, D)
         stacks = dilated_stacks(crops, self.grid)                # (4, B, G*G, D)
-        fused = [self.fuser(1 + k)(stacks[k]) for k in range(len(self.plan))]
-        return self.fuser(0)(low), injections(self.plan, fused, self.gates)
+        fused = [self.norm(self.fuser(1 + k)(stacks[k])) for k in range(len(self.plan))]
+        return self.norm(self.fuser(0)(low)), injections(self.plan, fused, self.gates)
 
 
 FUSIONS = {"llava": LLaVA, "concat": Concat, "deepstack": DeepStack, "sparsecut": MultiGrained}

@@ -51,6 +51,7 @@ class SparseCutConfig:
     deepstack_start: int = 1       # deepstack: the LLM layers its 4 stacks are added before
     deepstack_interval: int = 1
     input_layer: int = -2          # ViT hidden state feeding the input tokens: the penultimate
+    visual_norm: bool = False      # visual tokens and shortcut features at unit RMS (not in the paper)
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0

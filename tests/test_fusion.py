@@ -107,6 +107,26 @@ def test_sequence_length_and_cached_generation(mode):
     assert model.generate(images, prompts, max_new_tokens=8) == expected
 
 
+@pytest.mark.parametrize("mode", ["llava", "concat", "deepstack", "sparsecut"])
+def test_visual_norm_puts_every_visual_token_at_unit_rms(mode):
+    """visual_norm rescales each token the LLM receives (input tokens and every shortcut's
+    features) to RMS 1, keeping its direction; the zero gates still switch the shortcuts off."""
+    plain = tiny_model(std=0.3, fusion=mode)
+    normed = SparseCut(tiny_config(fusion=mode, visual_norm=True)).eval()
+    normed.load_state_dict(plain.state_dict())                         # same weights, no new ones
+    images = torch.rand(2, 3, 32, 32)
+    raw_inputs, raw_injected = plain.encode_images(images)
+    inputs, injected = normed.encode_images(images)
+    assert set(injected) == set(raw_injected) and (mode in ("llava", "concat")) == (not injected)
+    for raw, scaled in [(raw_inputs, inputs)] + [(raw_injected[k], injected[k]) for k in injected]:
+        rms = scaled.pow(2).mean(-1).sqrt()                            # (B, N)
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-4)
+        assert torch.allclose(raw / raw.pow(2).mean(-1, keepdim=True).sqrt(), scaled, atol=1e-5)
+        assert not torch.allclose(raw, scaled, atol=1e-2)              # std 0.3: far from RMS 1
+    gated = SparseCut(tiny_config(fusion=mode, visual_norm=True, shortcut_gate="zero")).eval()
+    assert all(not features.any() for features in gated.encode_images(images)[1].values())
+
+
 def test_llava_shortcuts_use_low_res_only_and_one_projector():
     plain, shortcuts = tiny_model(fusion="llava"), tiny_model(fusion="llava", shortcuts="dense")
     assert plain.fusion.plan == [] and not plain.fusion.high_res       # LLaVA-1.5 by default
