@@ -154,9 +154,11 @@ def tiny():
 
 def tiny_chat():
     """The tiny model as an assistant: each Shapes sample a chatml conversation (a system prompt,
-    the image, its caption and questions about it, in random order; data.shapes_turns)."""
+    the image, its caption and questions about it, in random order; data.shapes_turns). Visual
+    tokens at RMS 1 (visual_norm): the same quality in 1,500 steps as in 2,700 without (README)."""
     config = tiny()
-    config.model.template, config.out_dir, config.max_iters = "chatml", "out/tiny-chat", 2700
+    config.model.template, config.model.visual_norm = "chatml", True
+    config.out_dir, config.max_iters = "out/tiny-chat", 1500
     return config
 
 
