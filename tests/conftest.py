@@ -16,6 +16,14 @@ FUSIONS = ("llava", "concat", "deepstack", "sparsecut")
 ATTENTIONS = ("causal", "composite")
 
 
+@pytest.fixture(autouse=True)
+def in_an_empty_folder(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty folder of its own, so default outputs (out/tiny) land there: a
+    run the user made in the checkout (README: train, then test) neither fails a test nor is
+    touched by one."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 def tiny_config(**overrides):
     """ViT: 16x16 views of 4x4 patches (G = 4, 16 tokens), 3 layers; LLM: 3 layers, GQA 4/2."""
     vit = ViTConfig(image_size=16, patch_size=4, width=24, n_layer=3, n_head=2, mlp_dim=48)

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -17,9 +18,12 @@ SMALL = ("--vit.image_size 16 --vit.patch_size 8 --vit.width 16 --vit.n_layer 2 
          "--llm.mlp_dim 64 --batch_size 4 --n_val 8 --n_test 8 --warmup_iters 2").split()
 
 
+WORKDIR = tempfile.mkdtemp(prefix="sparsecut-tests-")   # the scripts' folder: conftest.in_an_empty_folder
+
+
 def run(script, *args, check=True):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+                            capture_output=True, text=True, cwd=WORKDIR, timeout=300)
     if check:
         assert result.returncode == 0, result.stderr
     return result
