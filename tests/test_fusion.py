@@ -124,7 +124,8 @@ def test_visual_norm_puts_every_visual_token_at_unit_rms(mode):
         assert torch.allclose(raw / raw.pow(2).mean(-1, keepdim=True).sqrt(), scaled, atol=1e-5)
         assert not torch.allclose(raw, scaled, atol=1e-2)              # std 0.3: far from RMS 1
     gated = SparseCut(tiny_config(fusion=mode, visual_norm=True, shortcut_gate="zero")).eval()
-    assert all(not features.any() for features in gated.encode_images(images)[1].values())
+    gated_injections = gated.encode_images(images)[1]
+    assert set(gated_injections) == set(injected) and not any(f.any() for f in gated_injections.values())
 
 
 def test_llava_shortcuts_use_low_res_only_and_one_projector():
