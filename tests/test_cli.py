@@ -1,7 +1,9 @@
 """train.py, sample.py and eval.py as a user runs them: outputs, resume, and bad input."""
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,6 +21,7 @@ SMALL = ("--vit.image_size 16 --vit.patch_size 8 --vit.width 16 --vit.n_layer 2 
 
 
 WORKDIR = tempfile.mkdtemp(prefix="sparsecut-tests-")   # the scripts' folder: conftest.in_an_empty_folder
+atexit.register(shutil.rmtree, WORKDIR, True)
 
 
 def run(script, *args, check=True):
