@@ -7,7 +7,9 @@ predicted object is compared with the i-th true one (both in reading order) for 
 `count_acc` is the share of images with the right number of objects; `unparsed` is the share of
 predicted phrases that were not valid object phrases. Questions (chat templates): two per image,
 of types that rotate over the split; `vqa_acc` is the share answered exactly, overall and per
-type (`vqa_color_acc`, ...). `evaluate_run` gives a run's eval.json.
+type (`vqa_color_acc`, ...), and over the questions that name their object by its position or by
+its content (`vqa_by_position_acc`, `vqa_by_content_acc`; shapes.named_by). `evaluate_run` gives
+a run's eval.json.
 """
 
 import math
@@ -19,7 +21,7 @@ import torch
 from conversation import stop_id
 from data import Sample, caption_turns, conversation_tokens, decode, sample_tokens
 from fusion import FUSIONS
-from shapes import QUESTION_TYPES, parse_caption, question_about
+from shapes import QUESTION_TYPES, named_by, parse_caption, question_about
 
 ATTRIBUTES = ("shape", "color", "size", "texture", "position")
 
@@ -151,10 +153,14 @@ def vqa_metrics(model, tokenizer, images, samples, config, device, **sampling):
     index = torch.tensor([i for i, _, _ in questions])
     replies = answer(model, tokenizer, images[index], [q for _, _, q in questions], config, device,
                      max_new_tokens=4, **sampling)
-    right = Counter(kind for (_, kind, q), r in zip(questions, replies) if r == q.caption)
-    asked = Counter(kind for _, kind, _ in questions)
-    metrics = {"vqa_acc": sum(right.values()) / max(len(questions), 1)}
-    metrics.update({f"vqa_{kind}_acc": right[kind] / asked[kind] for kind in QUESTION_TYPES if asked[kind]})
+    right, asked = Counter(), Counter()
+    for (_, kind, question), reply in zip(questions, replies):
+        for group in (kind, "by_" + named_by(question.turns[0]["value"])):
+            asked[group] += 1
+            right[group] += reply == question.caption
+    metrics = {"vqa_acc": sum(right[kind] for kind in QUESTION_TYPES) / max(len(questions), 1)}
+    metrics.update({f"vqa_{group}_acc": right[group] / asked[group]
+                    for group in (*QUESTION_TYPES, "by_position", "by_content") if asked[group]})
     return metrics
 
 

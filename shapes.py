@@ -202,6 +202,15 @@ def question_about(objects, kind, rng):
     return f"is there a {color} {shape}?", "no"
 
 
+def named_by(question):
+    """How a question of question_about names its object: "position" (the object at the top
+    left), "content" (its colour and shape: where is the red star?, is there a red star?, what
+    colour is the star?), or "" (how many objects: none named)."""
+    if "how many" in question:
+        return ""
+    return "position" if "object at the" in question else "content"
+
+
 def question_vocabulary():
     return sorted({"what", "colour", "is", "the", "object", "at", "shape", "texture", "size", "how", "many",
                    "objects", "are", "there", "where", "yes", "no", "plain", "describe", "image", "?", "."}

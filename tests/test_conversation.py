@@ -3,6 +3,7 @@ data formats and their bad input."""
 
 import json
 import random
+from collections import Counter
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from conftest import tiny_model
 from conversation import ConversationError, render, stop_id, tokenize
 from data import Sample, build_tokenizer, read_samples, sample_tokens, template_words
 from metrics import shapes_questions
-from shapes import COLORS, COUNT_WORDS, QUESTION_TYPES, SHAPES, parse_caption, question_about, shapes_split
+from shapes import COLORS, COUNT_WORDS, QUESTION_TYPES, SHAPES, named_by, parse_caption, question_about, shapes_split
 from test_bad_input import TINY_RUN, expect_error, image, run_dir  # noqa: F401 (a fixture)
 
 N_IMAGE = 3
@@ -187,6 +188,27 @@ def test_shapes_questions_are_answered_by_the_scene():
     assert kinds == set(QUESTION_TYPES) and {w for w in COLORS} and SHAPES
     exists = [q.caption for _, kind, q in shapes_questions([Sample([], c) for c in captions]) if kind == "exists"]
     assert 0.3 < exists.count("yes") / len(exists) < 0.7          # balanced
+
+
+def test_vqa_is_reported_by_how_the_question_names_its_object(monkeypatch):
+    """vqa_by_position_acc / vqa_by_content_acc: a reader that answers only the questions naming
+    the object by position (and counts) scores 1 and 0 on them; the types mix the two."""
+    import metrics
+    _, captions = shapes_split("val", 60)
+    samples = [Sample([], c) for c in captions]
+    questions = shapes_questions(samples)
+
+    def position_reader(model, tokenizer, images, prompts, *args, **kwargs):
+        return [q.caption if "object at the" in q.turns[0]["value"] or "how many" in q.turns[0]["value"] else "?"
+                for q in prompts]
+    monkeypatch.setattr(metrics, "answer", position_reader)
+    result = metrics.vqa_metrics(None, None, torch.zeros(len(samples), 1), samples, None, "cpu")
+    assert result["vqa_by_position_acc"] == 1.0 and result["vqa_by_content_acc"] == 0.0
+    assert result["vqa_count_acc"] == 1.0 and result["vqa_where_acc"] == result["vqa_exists_acc"] == 0.0
+    assert 0 < result["vqa_color_acc"] < 1                         # by position or by shape
+    named = Counter(named_by(q.turns[0]["value"]) for _, _, q in questions)
+    right = named["position"] + named[""]
+    assert result["vqa_acc"] == right / len(questions)
 
 
 def test_shapes_conversations_mix_caption_and_questions():
