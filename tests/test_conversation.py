@@ -15,7 +15,8 @@ from conftest import tiny_model
 from conversation import ConversationError, render, stop_id, tokenize
 from data import Sample, build_tokenizer, read_samples, sample_tokens, template_words
 from metrics import shapes_questions
-from shapes import COLORS, COUNT_WORDS, QUESTION_TYPES, SHAPES, named_by, parse_caption, question_about, shapes_split
+from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, named_by, parse_caption, question_about,
+                    shapes_split)
 from test_bad_input import TINY_RUN, expect_error, image, run_dir  # noqa: F401 (a fixture)
 
 N_IMAGE = 3
@@ -170,6 +171,8 @@ def test_shapes_questions_are_answered_by_the_scene():
         for kind in QUESTION_TYPES:
             question, answer = question_about(objects, kind, rng)
             words = question.rstrip("?").split()
+            assert named_by(question) == ("" if kind == "count" else
+                                          "position" if any(question.endswith(f"at the {p}?") for p in POSITIONS) else "content")
             if question.startswith("is there"):
                 kinds.add("exists")
                 assert answer == ("yes" if any((o.color, o.shape) == (words[3], words[4]) for o in objects) else "no")
