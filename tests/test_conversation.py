@@ -292,7 +292,8 @@ def test_a_chat_run_reports_vqa_per_type_and_answers_a_prompt(tmp_path, capsys):
     metrics = json.loads((out / "eval.json").read_text())
     assert {"vqa_acc", "object_f1"} <= set(metrics)
     assert {f"vqa_{kind}_acc" for kind in QUESTION_TYPES} <= set(metrics)   # 7 images, 14 questions
-    assert json.loads((out / "checkpoint" / "config.json").read_text())["template"] == "chatml"
+    saved = json.loads((out / "checkpoint" / "config.json").read_text())
+    assert saved["template"] == "chatml" and saved["visual_norm"] and saved["llm"]["qk_norm"]
     image(tmp_path, "a.png")
     result = run("sample.py", "--image", tmp_path / "a.png", "--checkpoint", out, "--prompt", "what colour is the star?")
     assert len(result.stdout.strip().splitlines()) == 1
