@@ -171,8 +171,8 @@ def test_shapes_questions_are_answered_by_the_scene():
         for kind in QUESTION_TYPES:
             question, answer = question_about(objects, kind, rng)
             words = question.rstrip("?").split()
-            assert named_by(question) == ("" if kind == "count" else
-                                          "position" if any(question.endswith(f"at the {p}?") for p in POSITIONS) else "content")
+            by_position = any(question.endswith(f"at the {p}?") for p in POSITIONS)
+            assert named_by(question) == ("" if kind == "count" else "position" if by_position else "content")
             if question.startswith("is there"):
                 kinds.add("exists")
                 assert answer == ("yes" if any((o.color, o.shape) == (words[3], words[4]) for o in objects) else "no")
@@ -201,9 +201,10 @@ def test_vqa_is_reported_by_how_the_question_names_its_object(monkeypatch):
     samples = [Sample([], c) for c in captions]
     questions = shapes_questions(samples)
 
-    def position_reader(model, tokenizer, images, prompts, *args, **kwargs):
-        return [q.caption if "object at the" in q.turns[0]["value"] or "how many" in q.turns[0]["value"] else "?"
-                for q in prompts]
+    def position_reader(model, tokenizer, images, prompts, *args, **kwargs):   # knows where, not what
+        asks = [q.turns[0]["value"] for q in prompts]
+        return [q.caption if ask.startswith("<image>\nhow many") or any(ask.endswith(f" at the {p}?") for p in POSITIONS)
+                else "?" for q, ask in zip(prompts, asks)]
     monkeypatch.setattr(metrics, "answer", position_reader)
     result = metrics.vqa_metrics(None, None, torch.zeros(len(samples), 1), samples, None, "cpu")
     assert result["vqa_by_position_acc"] == 1.0 and result["vqa_by_content_acc"] == 0.0
