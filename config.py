@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from conversation import TEMPLATES
+from conversation import IMAGE_PLACES, TEMPLATES
 from llm import LLMConfig
 from model import SparseCutConfig
 from vit import ViTConfig
@@ -76,6 +76,8 @@ class TrainConfig:
     question_mix: str = "random"      # random: the caption request and the questions in one conversation,
                                       # in random order; split: each conversation the caption alone (half
                                       # of them) or the questions alone (README: random did better, one run each)
+    image_place: str = "start"        # <image> moved to the start of its user turn (LLaVA) or its end,
+                                      # after the question, which the visual tokens then see (README: no gain yet)
     context_length: int = 256         # longest sequence, image tokens included (longer samples are cut)
     resume: bool = False
     overwrite: bool = False           # a new run may replace the run already in out_dir
@@ -100,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"--questions_per_image must be >= 0, not {self.questions_per_image}")
         if self.question_mix not in ("random", "split"):
             raise ValueError(f"--question_mix takes random or split, not {self.question_mix!r}")
+        if self.image_place not in IMAGE_PLACES:
+            raise ValueError(f"--image_place takes {' or '.join(IMAGE_PLACES)}, not {self.image_place!r}")
         if self.model.template not in TEMPLATES:
             raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, not {self.model.template!r}")
         if self.context_length <= self.model.n_image_tokens + 2:

@@ -18,6 +18,10 @@ Templates:
 Labels come from character ranges: the rendered text is tokenised whole (any tokenizer, BPE
 merges across the template's seams included) and a token is trained when it overlaps an answer or
 its end of turn. The image placeholder becomes a run of `n_image` image-token ids.
+
+The image's place: LLaVA moves `<image>` to the start of its turn (`image_place="start"`, every
+template's default); `"end"` puts it after the turn's text instead, so that the visual tokens can
+attend to the question (not in LLaVA; measured in the README, "What was tried for the questions").
 """
 
 from dataclasses import dataclass
@@ -91,10 +95,15 @@ def check_turns(turns, has_image, where="conversation"):
     return system, checked
 
 
-def render(turns, template_name, has_image=True, for_generation=False, where="conversation"):
+IMAGE_PLACES = ("start", "end")
+
+
+def render(turns, template_name, has_image=True, for_generation=False, where="conversation",
+           image_place="start"):
     """The conversation as (text pieces, trained) pairs. LLaVA's normalisation: the <image>
-    placeholder moves to the start of its turn, followed by a newline. for_generation: the turns
-    end with a user turn, and the text ends with the assistant header."""
+    placeholder moves to the start of its turn, followed by a newline (image_place "end": to its
+    end, after a newline). for_generation: the turns end with a user turn, and the text ends with
+    the assistant header."""
     t = template(template_name)
     system, checked = check_turns(turns, has_image, where)
     if for_generation and checked[-1][0] != "user":
@@ -110,7 +119,8 @@ def render(turns, template_name, has_image=True, for_generation=False, where="co
     for role, text in checked:
         if role == "user":
             if IMAGE in text:
-                text = IMAGE + "\n" + text.replace(IMAGE, "").strip()
+                rest = text.replace(IMAGE, "").strip()
+                text = IMAGE + "\n" + rest if image_place == "start" else rest + "\n" + IMAGE
             pieces.append((t.user.format(text.strip()), False))
         else:
             pieces += [(t.assistant, False), (text.strip() + t.end, True)] + [(t.between, False)] * bool(t.between)

@@ -215,7 +215,8 @@ def sample_tokens(tokenizer, sample, config, for_generation=False):
     A text-only sample gets its image run after its text, where causal attention hides it."""
     m = config.model
     try:
-        pieces = render(sample.turns, m.template, sample.has_image, for_generation)
+        pieces = render(sample.turns, m.template, sample.has_image, for_generation,
+                        image_place=config.image_place)
     except ConversationError as error:
         raise DataError(str(error)) from None
     ids, labels = tokenize(pieces, tokenizer, m.template, m.n_image_tokens, m.image_token_id, m.bos_id, m.eos_id)

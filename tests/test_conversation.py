@@ -91,6 +91,22 @@ def test_chatml_and_plain(tokenizer):
     assert labels == [-100] * (N_IMAGE + 1) + ids[-2:]
 
 
+def test_image_place_end_puts_the_image_after_its_turns_text_and_trains_the_same_tokens(tokenizer):
+    start, end = render(TWO_TURNS, "chatml"), render(TWO_TURNS, "chatml", image_place="end")
+    assert "".join(p for p, _ in end) == "".join(p for p, _ in start).replace(
+        "user\n<image>\nwhat colour is the star?", "user\nwhat colour is the star?\n<image>")
+    ids, labels = tokenize(end, tokenizer, "chatml", N_IMAGE, -200, 1, 2)
+    question = [tokenizer.token_to_id(w) for w in ("what", "colour", "is", "the", "star", "?")]
+    first_image = ids.index(-200)
+    assert ids[first_image:first_image + N_IMAGE] == [-200] * N_IMAGE
+    assert [t for t in ids[:first_image] if t in question] == question     # the whole question before it
+    assert labels.count(-100) == tokenize(start, tokenizer, "chatml", N_IMAGE, -200, 1, 2)[1].count(-100)
+    assert [t for t in labels if t != -100] == [t for t in tokenize(start, tokenizer, "chatml", N_IMAGE, -200, 1, 2)[1]
+                                                if t != -100]
+    plain = render(TWO_TURNS, "plain", image_place="end")                   # plain: the image leads always
+    assert plain == render(TWO_TURNS, "plain")
+
+
 @pytest.mark.parametrize("turns,has_image,match", [
     ([{"from": "robot", "value": "hi"}], True, "unknown role 'robot'"),
     ([{"from": "human", "value": "hi <image>"}, {"from": "gpt", "value": "x"}], False, "<image> in a record that has no image"),
@@ -279,6 +295,8 @@ def test_conversation_bad_input_ends_in_one_line(tmp_path, capsys, run_dir):  # 
                  "--template must be one of plain, vicuna_v1, chatml, not 'alpaca'", capsys)
     expect_error(train.main, [*TINY_RUN, "--question_mix", "shuffled", "--out_dir", tmp_path / "out"],
                  "--question_mix takes random or split, not 'shuffled'", capsys)
+    expect_error(train.main, [*TINY_RUN, "--image_place", "middle", "--out_dir", tmp_path / "out"],
+                 "--image_place takes start or end, not 'middle'", capsys)
     expect_error(sample.main, ["--image", tmp_path / "a.png", "--checkpoint", run_dir, "--prompt", "what " * 300],
                  "does not fit the context of", capsys)
 
