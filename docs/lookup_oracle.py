@@ -1,0 +1,141 @@
+"""How fast the tiny LLM learns Shapes questions when it is handed ideal object features.
+
+A diagnosis for the README ("What was tried for the questions"), not part of the model: the
+tiny-chat LLM (llm.py: 4 layers, width 128, qk_norm, initialised as model.py does, trained with
+tiny-chat's optimizer, schedule and batch size) answers one Shapes question per sequence about a
+scene whose 36 visual tokens are given, not learned: each carries the one-hot colour, shape, size
+and texture of the object in its grid cell (2 x 2 tokens per cell, zeros where there is none),
+through a learned linear map and at RMS 1, as visual_norm makes them. What is measured is the
+LLM's lookup alone, with the image before the question (LLaVA's order) or after it (the visual
+tokens can then read the question). About 3 minutes per 1,000 steps on one CPU thread.
+
+    python docs/lookup_oracle.py --order image-first
+    python docs/lookup_oracle.py --order question-first [--prefix "describe the image ."]
+"""
+
+import argparse
+import collections
+import os
+import random
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from config import cosine_schedule, tiny_chat                               # noqa: E402
+from llm import LLM, LLMConfig                                             # noqa: E402
+from model import init_weights                                             # noqa: E402
+from shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, named_by,  # noqa: E402
+                    question_about, question_vocabulary, random_objects, shapes_vocabulary)
+from train import make_optimizer                                           # noqa: E402
+
+WORDS = ["<pad>", "<answer>", "<end>", "<image>"] + sorted(set(shapes_vocabulary()) | set(question_vocabulary()))
+WORD_ID = {word: i for i, word in enumerate(WORDS)}
+IMAGE_ID, N_IMAGE_TOKENS = WORD_ID["<image>"], 36                            # a 6 x 6 grid, as tiny's ViT gives
+ATTRIBUTES = [list(COLORS), list(SHAPES), list(SIZES), list(TEXTURES)]
+N_FEATURES = sum(map(len, ATTRIBUTES))
+
+
+def words(text):
+    return [WORD_ID[w] for w in text.replace("?", " ?").replace(".", " .").split()]
+
+
+def object_features(objects):
+    """(36, N_FEATURES): each token the one-hot attributes of the object in its 3 x 3 grid cell."""
+    cells = torch.zeros(9, N_FEATURES)
+    for obj in objects:
+        offset = 0
+        for values, value in zip(ATTRIBUTES, (obj.color, obj.shape, obj.size, obj.texture)):
+            cells[POSITIONS.index(obj.position), offset + values.index(value)] = 1
+            offset += len(values)
+    return cells.view(3, 1, 3, 1, N_FEATURES).expand(3, 2, 3, 2, N_FEATURES).reshape(N_IMAGE_TOKENS, N_FEATURES)
+
+
+def batch(rng, n, order, prefix):
+    """n scenes, one question of a random type each: features, input_ids, labels, (type, named by)."""
+    features, rows, kinds = [], [], []
+    for _ in range(n):
+        objects = random_objects(rng)
+        kind = rng.choice(QUESTION_TYPES)
+        question, answer = question_about(objects, kind, rng)
+        image = [IMAGE_ID] * N_IMAGE_TOKENS
+        prompt = words(prefix) + (image + words(question) if order == "image-first" else words(question) + image)
+        prompt, reply = prompt + [WORD_ID["<answer>"]], words(answer) + [WORD_ID["<end>"]]
+        labels = [-100] * (len(prompt) - 1) + reply + [-100]             # next-token targets
+        features.append(object_features(objects))
+        rows.append((prompt + reply, labels))
+        kinds.append((kind, "by_" + named_by(question)))
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.tensor([ids + [0] * (T - len(ids)) for ids, _ in rows])
+    labels = torch.tensor([labels + [-100] * (T - len(labels)) for _, labels in rows])
+    return torch.stack(features), input_ids, labels, kinds
+
+
+class OracleModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.llm = LLM(LLMConfig(vocab_size=len(WORDS), width=128, n_layer=4, n_head=4, n_kv_head=2,
+                                 mlp_dim=384, qk_norm=True))
+        self.llm.apply(init_weights)
+        self.project = torch.nn.Linear(N_FEATURES, 128)
+
+    def forward(self, features, input_ids):
+        visual = F.rms_norm(self.project(features), (128,))               # (B, 36, D) at RMS 1
+        h = self.llm.embed_tokens(input_ids).masked_scatter((input_ids == IMAGE_ID)[..., None], visual)
+        return self.llm(inputs_embeds=h)                                  # (B, T, vocab)
+
+
+@torch.no_grad()
+def accuracy(model, test_batches):
+    """Share of questions whose whole answer is right (teacher-forced argmax), overall and by group."""
+    right, total = collections.Counter(), collections.Counter()
+    for features, input_ids, labels, kinds in test_batches:
+        scored = labels != -100
+        correct = ((model(features, input_ids).argmax(-1) == labels) | ~scored).all(1)
+        for ok, (kind, named) in zip(correct.tolist(), kinds):
+            for group in ("all", named, kind):
+                right[group] += ok
+                total[group] += 1
+    return {group: right[group] / total[group] for group in total}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--order", choices=("image-first", "question-first"), default="image-first")
+    parser.add_argument("--prefix", default="", help="fixed text before everything (a system prompt)")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval_interval", type=int, default=250)
+    options = parser.parse_args()
+    try:
+        words(options.prefix)
+    except KeyError as error:
+        sys.exit(f"--prefix: {error.args[0]!r} is not a Shapes word; use words of shapes.py's vocabulary")
+    torch.manual_seed(options.seed)
+    recipe = tiny_chat()                                   # its optimizer, schedule and batch size
+    recipe.max_iters = options.steps
+    model = OracleModel()
+    optimizer = make_optimizer(model, recipe, torch.device("cpu"))
+    train_rng = random.Random(options.seed)
+    test_batches = [batch(random.Random(10_000 + k), 250, options.order, options.prefix) for k in range(4)]
+    groups = ("all", "by_position", "by_content") + QUESTION_TYPES
+    print("step  " + "  ".join(f"{g:>11}" for g in groups))
+    for step in range(options.steps + 1):
+        if step % options.eval_interval == 0 or step == options.steps:
+            scores = accuracy(model, test_batches)
+            print(f"{step:4d}  " + "  ".join(f"{scores[g]:11.3f}" for g in groups), flush=True)
+        if step == options.steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_schedule(step, recipe.lr, recipe.warmup_iters, recipe.max_iters, recipe.min_lr_ratio)
+        features, input_ids, labels, _ = batch(train_rng, recipe.batch_size, options.order, options.prefix)
+        loss = F.cross_entropy(model(features, input_ids).flatten(0, 1), labels.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
+        optimizer.step()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""docs/lookup_oracle.py, the README's lookup diagnosis: its inputs are what it says they are."""
+
+import os
+import random
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
+import lookup_oracle as oracle  # noqa: E402
+from shapes import POSITIONS, ShapeObject  # noqa: E402
+
+
+def test_each_object_fills_the_two_by_two_tokens_of_its_cell_and_nothing_else():
+    star = ShapeObject("star", "red", "small", "dotted", "top right")
+    features = oracle.object_features([star]).view(6, 6, -1)
+    cell_row, cell_col = divmod(POSITIONS.index("top right"), 3)
+    for row in range(6):
+        for col in range(6):
+            inside = row // 2 == cell_row and col // 2 == cell_col
+            assert features[row, col].sum().item() == (4 if inside else 0)   # colour, shape, size, texture
+    attributes = [v for values in oracle.ATTRIBUTES for v in values]
+    named = {attributes[i] for i in features[0, 4].nonzero().flatten().tolist()}
+    assert named == {"red", "star", "small", "dotted"}
+
+
+@pytest.mark.parametrize("order", ["image-first", "question-first"])
+def test_the_image_run_sits_where_the_order_says_and_only_the_answer_is_scored(order):
+    _, input_ids, labels, kinds = oracle.batch(random.Random(0), 8, order, "the image .")
+    prefix = len(oracle.words("the image ."))
+    for ids, row_labels in zip(input_ids.tolist(), labels.tolist()):
+        start = ids.index(oracle.IMAGE_ID)
+        assert ids[start:start + oracle.N_IMAGE_TOKENS] == [oracle.IMAGE_ID] * oracle.N_IMAGE_TOKENS
+        answer_at = ids.index(oracle.WORD_ID["<answer>"])
+        assert (start == prefix) == (order == "image-first")
+        assert start + oracle.N_IMAGE_TOKENS == answer_at or order == "image-first"
+        scored = [i for i, label in enumerate(row_labels) if label != -100]
+        assert scored[0] == answer_at                                      # predicts the first answer word
+        assert [row_labels[i] for i in scored] == ids[answer_at + 1:answer_at + 1 + len(scored)]
+    assert all(named in ("by_position", "by_content", "by_") for _, named in kinds)
+
+
+def test_a_short_run_prints_the_table_and_a_bad_prefix_is_one_line(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lookup_oracle.py", "--steps", "2", "--order", "question-first"])
+    oracle.main()
+    rows = capsys.readouterr().out.strip().splitlines()
+    assert rows[0].split()[:4] == ["step", "all", "by_position", "by_content"] and len(rows) == 3
+    monkeypatch.setattr(sys, "argv", ["lookup_oracle.py", "--prefix", "hello there"])
+    with pytest.raises(SystemExit) as stop:
+        oracle.main()
+    assert "'hello' is not a Shapes word" in str(stop.value.code)
