@@ -13,8 +13,8 @@ tokens can then read the question). About 3 minutes per 1,000 steps on one CPU t
     python docs/lookup_oracle.py --order question-first [--prefix "describe the image ."]
 """
 
-import argparse
 import collections
+import dataclasses
 import os
 import random
 import sys
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import cosine_schedule, tiny_chat                               # noqa: E402
+from config import cosine_schedule, parse_options, run_cli, tiny_chat       # noqa: E402
 from llm import LLM, LLMConfig                                             # noqa: E402
 from model import init_weights                                             # noqa: E402
 from shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, named_by,  # noqa: E402
@@ -37,8 +37,12 @@ ATTRIBUTES = [list(COLORS), list(SHAPES), list(SIZES), list(TEXTURES)]
 N_FEATURES = sum(map(len, ATTRIBUTES))
 
 
+def words_of(text):
+    return text.replace("?", " ?").replace(".", " .").split()
+
+
 def words(text):
-    return [WORD_ID[w] for w in text.replace("?", " ?").replace(".", " .").split()]
+    return [WORD_ID[w] for w in words_of(text)]
 
 
 def object_features(objects):
@@ -100,18 +104,25 @@ def accuracy(model, test_batches):
     return {group: right[group] / total[group] for group in total}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--order", choices=("image-first", "question-first"), default="image-first")
-    parser.add_argument("--prefix", default="", help="fixed text before everything (a system prompt)")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eval_interval", type=int, default=250)
-    options = parser.parse_args()
-    try:
-        words(options.prefix)
-    except KeyError as error:
-        sys.exit(f"--prefix: {error.args[0]!r} is not a Shapes word; use words of shapes.py's vocabulary")
+@dataclasses.dataclass
+class OracleOptions:
+    order: str = "image-first"        # image-first | question-first
+    prefix: str = ""                  # fixed Shapes words before everything (as a system prompt)
+    steps: int = 1000
+    seed: int = 0
+    eval_interval: int = 250
+
+
+def main(argv):
+    options = OracleOptions()
+    parse_options(options, argv, __doc__)
+    if options.order not in ("image-first", "question-first"):
+        raise ValueError(f"--order takes image-first or question-first, not {options.order!r}")
+    if options.steps <= 0 or options.eval_interval <= 0:
+        raise ValueError("--steps and --eval_interval must be positive")
+    unknown = sorted(set(words_of(options.prefix)) - set(WORD_ID))
+    if unknown:
+        raise ValueError(f"--prefix: {unknown[0]!r} is not a Shapes word; use words of shapes.py's vocabulary")
     torch.manual_seed(options.seed)
     recipe = tiny_chat()                                   # its optimizer, schedule and batch size
     recipe.max_iters = options.steps
@@ -138,4 +149,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main, sys.argv[1:])

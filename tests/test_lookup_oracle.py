@@ -40,12 +40,13 @@ def test_the_image_run_sits_where_the_order_says_and_only_the_answer_is_scored(o
     assert all(named in ("by_position", "by_content", "by_") for _, named in kinds)
 
 
-def test_a_short_run_prints_the_table_and_a_bad_prefix_is_one_line(capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["lookup_oracle.py", "--steps", "2", "--order", "question-first"])
-    oracle.main()
+def test_a_short_run_prints_the_table_and_bad_options_are_one_line(capsys):
+    oracle.main(["--steps", "2", "--order", "question-first"])
     rows = capsys.readouterr().out.strip().splitlines()
     assert rows[0].split()[:4] == ["step", "all", "by_position", "by_content"] and len(rows) == 3
-    monkeypatch.setattr(sys, "argv", ["lookup_oracle.py", "--prefix", "hello there"])
-    with pytest.raises(SystemExit) as stop:
-        oracle.main()
-    assert "'hello' is not a Shapes word" in str(stop.value.code)
+    for argv, message in ((["--prefix", "hello there"], "'hello' is not a Shapes word"),
+                          (["--order", "sideways"], "--order takes image-first or question-first"),
+                          (["--steps", "0"], "must be positive")):
+        with pytest.raises(SystemExit) as stop:
+            oracle.run_cli(oracle.main, argv)
+        assert stop.value.code == 2 and message in capsys.readouterr().err
