@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import cosine_schedule, parse_options, run_cli, tiny_chat       # noqa: E402
-from llm import LLM, LLMConfig                                             # noqa: E402
+from llm import LLM                                                       # noqa: E402
 from model import init_weights                                             # noqa: E402
 from shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, named_by,  # noqa: E402
                     question_about, question_vocabulary, random_objects, shapes_vocabulary)
@@ -32,7 +32,8 @@ from train import make_optimizer                                           # noq
 
 WORDS = ["<pad>", "<answer>", "<end>", "<image>"] + sorted(set(shapes_vocabulary()) | set(question_vocabulary()))
 WORD_ID = {word: i for i, word in enumerate(WORDS)}
-IMAGE_ID, N_IMAGE_TOKENS = WORD_ID["<image>"], 36                            # a 6 x 6 grid, as tiny's ViT gives
+TINY_CHAT = tiny_chat().model                                  # the LLM and the image tokens' count
+IMAGE_ID, N_IMAGE_TOKENS = WORD_ID["<image>"], TINY_CHAT.n_image_tokens        # 36: a 6 x 6 grid
 ATTRIBUTES = [list(COLORS), list(SHAPES), list(SIZES), list(TEXTURES)]
 N_FEATURES = sum(map(len, ATTRIBUTES))
 
@@ -79,13 +80,13 @@ def batch(rng, n, order, prefix):
 class OracleModel(torch.nn.Module):
     def __init__(self):
         super().__init__()
-        self.llm = LLM(LLMConfig(vocab_size=len(WORDS), width=128, n_layer=4, n_head=4, n_kv_head=2,
-                                 mlp_dim=384, qk_norm=True))
+        config = dataclasses.replace(TINY_CHAT.llm, vocab_size=len(WORDS))
+        self.llm = LLM(config)
         self.llm.apply(init_weights)
-        self.project = torch.nn.Linear(N_FEATURES, 128)
+        self.project = torch.nn.Linear(N_FEATURES, config.width)
 
     def forward(self, features, input_ids):
-        visual = F.rms_norm(self.project(features), (128,))               # (B, 36, D) at RMS 1
+        visual = F.rms_norm(self.project(features), (self.project.out_features,))   # (B, 36, D) at RMS 1
         h = self.llm.embed_tokens(input_ids).masked_scatter((input_ids == IMAGE_ID)[..., None], visual)
         return self.llm(inputs_embeds=h)                                  # (B, T, vocab)
 
