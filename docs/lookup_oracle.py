@@ -24,11 +24,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from config import cosine_schedule, parse_options, run_cli, tiny_chat       # noqa: E402
+from data import to_tensor                                                 # noqa: E402
 from llm import LLM                                                       # noqa: E402
-from model import init_weights                                             # noqa: E402
+from model import SparseCut, init_weights                                  # noqa: E402
 from shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, named_by,  # noqa: E402
-                    question_about, question_vocabulary, random_objects, shapes_vocabulary)
+                    question_about, question_vocabulary, random_objects, shapes_vocabulary, shared_renderer)
 from train import make_optimizer                                           # noqa: E402
+from weights import CheckpointError, checkpoint_dir                        # noqa: E402
 
 WORDS = ["<pad>", "<answer>", "<end>", "<image>"] + sorted(set(shapes_vocabulary()) | set(question_vocabulary()))
 WORD_ID = {word: i for i, word in enumerate(WORDS)}
@@ -57,8 +59,17 @@ def object_features(objects):
     return cells.view(3, 1, 3, 1, N_FEATURES).expand(3, 2, 3, 2, N_FEATURES).reshape(N_IMAGE_TOKENS, N_FEATURES)
 
 
-def batch(rng, n, order, prefix):
-    """n scenes, one question of a random type each: features, input_ids, labels, (type, named by)."""
+def rendered(objects, rng):
+    """(3, H, W) in [0, 1]: the scene drawn as shapes.shapes_split draws it (each object jittered)."""
+    renderer = shared_renderer()
+    max_jitter = (renderer.cell - renderer.masks[(SHAPES[0], "large")].shape[0]) // 2
+    jitter = [(rng.randint(-max_jitter, max_jitter), rng.randint(-max_jitter, max_jitter)) for _ in objects]
+    return to_tensor(renderer.render(objects, jitter)[None])[0]
+
+
+def batch(rng, n, order, prefix, images=False):
+    """n scenes, one question of a random type each: features (or images), input_ids, labels,
+    (type, named by)."""
     features, rows, kinds = [], [], []
     for _ in range(n):
         objects = random_objects(rng)
@@ -68,7 +79,7 @@ def batch(rng, n, order, prefix):
         prompt = words(prefix) + (image + words(question) if order == "image-first" else words(question) + image)
         prompt, reply = prompt + [WORD_ID["<answer>"]], words(answer) + [WORD_ID["<end>"]]
         labels = [-100] * (len(prompt) - 1) + reply + [-100]             # next-token targets
-        features.append(object_features(objects))
+        features.append(rendered(objects, rng) if images else object_features(objects))
         rows.append((prompt + reply, labels))
         kinds.append((kind, "by_" + named_by(question)))
     T = max(len(ids) for ids, _ in rows)
@@ -77,18 +88,39 @@ def batch(rng, n, order, prefix):
     return torch.stack(features), input_ids, labels, kinds
 
 
+def frozen_encoder(path):
+    """A run's SparseCut (its ViT and fusion are used), frozen; it must make tiny-chat's tokens."""
+    encoder = SparseCut.from_pretrained(checkpoint_dir(path)).eval().requires_grad_(False)
+    made = (encoder.config.n_image_tokens, encoder.config.llm.width)
+    if made != (N_IMAGE_TOKENS, TINY_CHAT.llm.width):
+        raise CheckpointError(f"--encoder {path} makes {made[0]} visual tokens of width {made[1]}; this "
+                              f"script needs {N_IMAGE_TOKENS} of width {TINY_CHAT.llm.width} (a tiny or tiny-chat run)")
+    return encoder
+
+
 class OracleModel(torch.nn.Module):
-    def __init__(self):
+    """The new LLM, and a new linear map from the features (or from the encoder's tokens) to it."""
+
+    def __init__(self, encoder=None, shortcuts=True):
         super().__init__()
         config = dataclasses.replace(TINY_CHAT.llm, vocab_size=len(WORDS))
         self.llm = LLM(config)
         self.llm.apply(init_weights)
-        self.project = torch.nn.Linear(N_FEATURES, config.width)
+        self.encoder, self.shortcuts = encoder, shortcuts
+        self.project = torch.nn.Linear(N_FEATURES if encoder is None else config.width, config.width)
 
     def forward(self, features, input_ids):
+        """features (B, 36, N_FEATURES), or images (B, 3, H, W) with an encoder -> logits (B, T, vocab)."""
+        injections = None
+        if self.encoder is not None:
+            with torch.no_grad():
+                features, injections = self.encoder.encode_images(features)   # (B, 36, D), {layer: (B, 36, D)}
         visual = F.rms_norm(self.project(features), (self.project.out_features,))   # (B, 36, D) at RMS 1
         h = self.llm.embed_tokens(input_ids).masked_scatter((input_ids == IMAGE_ID)[..., None], visual)
-        return self.llm(inputs_embeds=h)                                  # (B, T, vocab)
+        if not (injections and self.shortcuts):
+            return self.llm(inputs_embeds=h)
+        start = (input_ids == IMAGE_ID).int().argmax(1)                 # (B,) each row's image run
+        return self.llm(inputs_embeds=h, injections=injections, image_span=(start, start + N_IMAGE_TOKENS))
 
 
 @torch.no_grad()
@@ -112,6 +144,8 @@ class OracleOptions:
     steps: int = 1000
     seed: int = 0
     eval_interval: int = 250
+    encoder: str = ""                 # a run (or checkpoint) whose frozen ViT and fusion make the tokens
+    shortcuts: bool = True            # with --encoder: its shortcuts' additions at the image rows
 
 
 def main(argv):
@@ -124,13 +158,15 @@ def main(argv):
     unknown = sorted(set(words_of(options.prefix)) - set(WORD_ID))
     if unknown:
         raise ValueError(f"--prefix: {unknown[0]!r} is not a Shapes word; use words of shapes.py's vocabulary")
+    encoder = frozen_encoder(options.encoder) if options.encoder else None
+    images = encoder is not None
     torch.manual_seed(options.seed)
     recipe = tiny_chat()                                   # its optimizer, schedule and batch size
     recipe.max_iters = options.steps
-    model = OracleModel()
+    model = OracleModel(encoder, options.shortcuts)
     optimizer = make_optimizer(model, recipe, torch.device("cpu"))
     train_rng = random.Random(options.seed)
-    test_batches = [batch(random.Random(10_000 + k), 250, options.order, options.prefix) for k in range(4)]
+    test_batches = [batch(random.Random(10_000 + k), 250, options.order, options.prefix, images) for k in range(4)]
     groups = ("all", "by_position", "by_content") + QUESTION_TYPES
     print("step  " + "  ".join(f"{g:>11}" for g in groups))
     for step in range(options.steps + 1):
@@ -141,7 +177,7 @@ def main(argv):
             break
         for group in optimizer.param_groups:
             group["lr"] = cosine_schedule(step, recipe.lr, recipe.warmup_iters, recipe.max_iters, recipe.min_lr_ratio)
-        features, input_ids, labels, _ = batch(train_rng, recipe.batch_size, options.order, options.prefix)
+        features, input_ids, labels, _ = batch(train_rng, recipe.batch_size, options.order, options.prefix, images)
         loss = F.cross_entropy(model(features, input_ids).flatten(0, 1), labels.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -50,3 +50,37 @@ def test_a_short_run_prints_the_table_and_bad_options_are_one_line(capsys):
         with pytest.raises(SystemExit) as stop:
             oracle.run_cli(oracle.main, argv)
         assert stop.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_with_an_encoder_its_frozen_tokens_and_shortcut_additions_reach_the_image_rows_only(tmp_path):
+    """--encoder: rendered scenes through a run's ViT and fusion (frozen); the shortcuts' additions
+    change the image rows and what follows them, never the rows before the image."""
+    import torch
+    from model import SparseCut
+    SparseCut(oracle.tiny_chat().model).save_pretrained(tmp_path / "run")
+    encoder = oracle.frozen_encoder(str(tmp_path / "run"))
+    images, input_ids, labels, _ = oracle.batch(random.Random(0), 4, "question-first", "", images=True)
+    assert images.shape[:2] == (4, 3) and 0 <= images.min() and images.max() <= 1   # the Shapes canvas
+    torch.manual_seed(0)
+    model = oracle.OracleModel(encoder, shortcuts=True)
+    logits = model(images, input_ids)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+    assert model.project.weight.grad is not None and model.llm.embed_tokens.weight.grad is not None
+    assert all(p.grad is None and not p.requires_grad for p in encoder.parameters())
+    model.shortcuts = False
+    plain = model(images, input_ids)
+    start = (input_ids == oracle.IMAGE_ID).int().argmax(1)
+    for row in range(4):
+        first = int(start[row])
+        assert torch.equal(logits[row, :first], plain[row, :first])          # the question, before the image
+        assert not torch.allclose(logits[row, first:], plain[row, first:])    # the image rows and the answer
+
+
+def test_an_encoder_that_makes_other_tokens_is_one_line(tmp_path, capsys):
+    from model import SparseCut
+    config = oracle.tiny_chat().model
+    config.vit.patch_size = 16                                             # 9 tokens, not 36
+    SparseCut(config).save_pretrained(tmp_path / "run")
+    with pytest.raises(SystemExit) as stop:
+        oracle.run_cli(oracle.main, ["--encoder", str(tmp_path / "run"), "--steps", "1"])
+    assert stop.value.code == 2 and "makes 9 visual tokens of width 128" in capsys.readouterr().err
