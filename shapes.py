@@ -147,18 +147,22 @@ def shared_renderer():
     return ShapesRenderer()
 
 
+def draw_scene(objects, rng):
+    """The scene as a uint8 (CANVAS, CANVAS, 3) image, each object jittered inside its cell."""
+    renderer = shared_renderer()
+    max_jitter = (renderer.cell - renderer.masks[(SHAPES[0], "large")].shape[0]) // 2
+    jitter = [(rng.randint(-max_jitter, max_jitter), rng.randint(-max_jitter, max_jitter)) for _ in objects]
+    return renderer.render(objects, jitter)
+
+
 def shapes_split(split, n, seed=None):
     """n (image uint8 (n, CANVAS, CANVAS, 3), captions) of a split; disjoint seeds per split."""
     rng = random.Random(SPLIT_SEEDS[split] if seed is None else seed)
-    renderer = shared_renderer()
-    max_jitter = (renderer.cell - renderer.masks[(SHAPES[0], "large")].shape[0]) // 2
     images = np.empty((n, CANVAS, CANVAS, 3), dtype=np.uint8)
     captions = []
     for i in range(n):
         objects = random_objects(rng)
-        jitter = [(rng.randint(-max_jitter, max_jitter), rng.randint(-max_jitter, max_jitter))
-                  for _ in objects]
-        images[i] = renderer.render(objects, jitter)
+        images[i] = draw_scene(objects, rng)
         captions.append(caption_of(objects))
     return images, captions
 

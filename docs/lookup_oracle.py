@@ -33,8 +33,8 @@ from config import cosine_schedule, parse_options, run_cli, tiny_chat       # no
 from data import to_tensor                                                 # noqa: E402
 from llm import LLM                                                       # noqa: E402
 from model import SparseCut, init_weights                                  # noqa: E402
-from shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, named_by,  # noqa: E402
-                    question_about, question_vocabulary, random_objects, shapes_vocabulary, shared_renderer)
+from shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, draw_scene, named_by,  # noqa: E402
+                    question_about, question_vocabulary, random_objects, shapes_vocabulary)
 from train import make_optimizer                                           # noqa: E402
 from weights import CheckpointError, checkpoint_dir                        # noqa: E402
 
@@ -65,14 +65,6 @@ def object_features(objects):
     return cells.view(3, 1, 3, 1, N_FEATURES).expand(3, 2, 3, 2, N_FEATURES).reshape(N_IMAGE_TOKENS, N_FEATURES)
 
 
-def rendered(objects, rng):
-    """(3, H, W) in [0, 1]: the scene drawn as shapes.shapes_split draws it (each object jittered)."""
-    renderer = shared_renderer()
-    max_jitter = (renderer.cell - renderer.masks[(SHAPES[0], "large")].shape[0]) // 2
-    jitter = [(rng.randint(-max_jitter, max_jitter), rng.randint(-max_jitter, max_jitter)) for _ in objects]
-    return to_tensor(renderer.render(objects, jitter)[None])[0]
-
-
 def batch(rng, n, order, prefix, images=False):
     """n scenes, one question of a random type each: features (or images), input_ids, labels,
     (type, named by)."""
@@ -85,7 +77,7 @@ def batch(rng, n, order, prefix, images=False):
         prompt = words(prefix) + (image + words(question) if order == "image-first" else words(question) + image)
         prompt, reply = prompt + [WORD_ID["<answer>"]], words(answer) + [WORD_ID["<end>"]]
         labels = [-100] * (len(prompt) - 1) + reply + [-100]             # next-token targets
-        features.append(rendered(objects, rng) if images else object_features(objects))
+        features.append(to_tensor(draw_scene(objects, rng)[None])[0] if images else object_features(objects))
         rows.append((prompt + reply, labels))
         kinds.append((kind, "by_" + named_by(question)))
     T = max(len(ids) for ids, _ in rows)
