@@ -106,7 +106,10 @@ def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, de
                     if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):  # no copy
                         non_finite.append(key)
                         continue
-                    set_tensor(model, name, tensor.to(device=device, dtype=dtype))
+                    # A copy in torch's own (64-byte aligned) memory, not a view of the file's
+                    # buffer (32 bytes off): AVX-512 kernels round by alignment, and a resumed
+                    # run then drifted from the straight one in the last bits (1 run in 3).
+                    set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
                     loaded.add(name)
         except (SafetensorError, OSError) as error:
             raise CheckpointError(f"{file} is not a readable safetensors file ({error}); "

@@ -220,3 +220,12 @@ def test_composite_attention_needs_an_image_span():
     llm = tiny_model().llm
     with pytest.raises(ValueError, match="composite attention needs image_span"):
         llm(inputs_embeds=torch.randn(1, 6, 32), attention="composite")
+
+
+def test_loaded_weights_own_aligned_memory_as_a_new_model_does(tmp_path):
+    """from_pretrained copies each tensor out of the safetensors buffer: a view of it sits 32
+    bytes off a 64-byte boundary, and kernels that round by alignment made a resumed run drift
+    from the straight one in the last bits."""
+    SparseCut(tiny_config()).save_pretrained(tmp_path)
+    loaded = SparseCut.from_pretrained(tmp_path)
+    assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
