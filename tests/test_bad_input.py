@@ -23,7 +23,7 @@ import eval as eval_script
 import sample
 import train
 from config import run_cli
-from test_cli import ROOT, SMALL
+from test_cli import ONE_THREAD, ROOT, SMALL
 
 TINY_RUN = [*SMALL, "--max_iters", 2, "--n_test", 2, "--n_val", 4, "--eval_interval", 1000]
 
@@ -231,7 +231,7 @@ SWAP_RUN = [*SMALL, "--max_iters", 12, "--checkpoint_interval", 4, "--eval_inter
 def straight(tmp_path_factory):
     out = tmp_path_factory.mktemp("straight")
     subprocess.run([sys.executable, "train.py", *map(str, SWAP_RUN), "--out_dir", str(out)], cwd=ROOT,
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=ONE_THREAD)
     return (out / "checkpoint" / "model.safetensors").read_bytes()
 
 
@@ -243,14 +243,14 @@ def test_a_kill_at_any_rename_leaves_a_checkpoint_that_resumes_exactly(when, n, 
     script = tmp_path / "killer.py"
     script.write_text(KILLER.format(root=ROOT))
     killed = subprocess.run([sys.executable, str(script), when, str(n), *map(str, SWAP_RUN), "--out_dir",
-                             str(out)], cwd=ROOT, capture_output=True, text=True)
+                             str(out)], cwd=ROOT, capture_output=True, text=True, env=ONE_THREAD)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     if (when, n) == ("before", 3):
         assert not (out / "checkpoint").exists()              # only the old and the new one, aside
         assert sorted(p.split("-")[0] for p in os.listdir(out) if p.startswith("checkpoint.")) == \
             ["checkpoint.old", "checkpoint.tmp"]
     resumed = subprocess.run([sys.executable, "train.py", "--resume", "--out_dir", str(out)], cwd=ROOT,
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert (out / "checkpoint" / "model.safetensors").read_bytes() == straight
     assert sorted(os.listdir(out)) == ["checkpoint", "eval.json", "metrics.jsonl"]   # no leftovers

@@ -20,13 +20,21 @@ SMALL = ("--vit.image_size 16 --vit.patch_size 8 --vit.width 16 --vit.n_layer 2 
          "--llm.mlp_dim 64 --batch_size 4 --n_val 8 --n_test 8 --warmup_iters 2").split()
 
 
+# Two training processes compared bit for bit run on one CPU thread each. On two threads (this
+# torch's MKL on an AVX-512 Xeon) a process's first step's gradients came out different in the last
+# bits about one process in 20, and more often under load, with the same weights and batch; a
+# second forward/backward in the same process repeated the usual ones; on one thread, 30 of 30
+# resumed runs were identical. Thread timing in the math library, not the run's state.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
 WORKDIR = tempfile.mkdtemp(prefix="sparsecut-tests-")   # the scripts' folder: conftest.in_an_empty_folder
 atexit.register(shutil.rmtree, WORKDIR, True)
 
 
-def run(script, *args, check=True):
+def run(script, *args, check=True, env=None):
     result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
-                            capture_output=True, text=True, cwd=WORKDIR, timeout=300)
+                            capture_output=True, text=True, cwd=WORKDIR, timeout=300, env=env)
     if check:
         assert result.returncode == 0, result.stderr
     return result
@@ -82,18 +90,18 @@ def test_sample_and_eval(trained, tmp_path):
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):
     common = ["--config", "tiny", *SMALL, "--max_iters", 24, "--checkpoint_interval", 4,
               "--eval_interval", 1000, "--n_test", 1]
-    run("train.py", *common, "--out_dir", tmp_path / "straight")
+    run("train.py", *common, "--out_dir", tmp_path / "straight", env=ONE_THREAD)
     interrupted = tmp_path / "interrupted"
     process = subprocess.Popen([sys.executable, "train.py", *map(str, common), "--out_dir",
                                 str(interrupted)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
+                               stderr=subprocess.DEVNULL, env=ONE_THREAD)
     state = interrupted / "checkpoint" / "train_state.pt"
     while not state.exists() and process.poll() is None:
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    run("train.py", *common, "--out_dir", interrupted, "--resume")
+    run("train.py", *common, "--out_dir", interrupted, "--resume", env=ONE_THREAD)
     straight = (tmp_path / "straight" / "checkpoint" / "model.safetensors").read_bytes()
     assert (interrupted / "checkpoint" / "model.safetensors").read_bytes() == straight
     steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
@@ -160,9 +168,9 @@ def test_resume_reads_the_saved_config_and_refuses_a_model_change(tmp_path):
     constant learning rate after warmup makes the schedule independent of max_iters)."""
     common = [*SMALL, "--min_lr_ratio", 1, "--eval_interval", 1000, "--n_test", 2]
     model = ["--shortcuts", "reverse", "--attention", "composite"]
-    run("train.py", *common, *model, "--max_iters", 6, "--out_dir", tmp_path / "straight")
-    run("train.py", *common, *model, "--max_iters", 3, "--out_dir", tmp_path / "resumed")
-    run("train.py", "--resume", "--max_iters", 6, "--out_dir", tmp_path / "resumed")
+    run("train.py", *common, *model, "--max_iters", 6, "--out_dir", tmp_path / "straight", env=ONE_THREAD)
+    run("train.py", *common, *model, "--max_iters", 3, "--out_dir", tmp_path / "resumed", env=ONE_THREAD)
+    run("train.py", "--resume", "--max_iters", 6, "--out_dir", tmp_path / "resumed", env=ONE_THREAD)
     saved = json.loads((tmp_path / "resumed" / "checkpoint" / "config.json").read_text())
     assert saved["shortcuts"] == "reverse" and saved["attention"] == "composite"
     run_config = json.loads((tmp_path / "resumed" / "checkpoint" / "train_config.json").read_text())
