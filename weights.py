@@ -106,9 +106,9 @@ def fill_weights(model, path, key_map=lambda name: name, dtype=torch.float32, de
                     if tensor.is_floating_point() and not torch.isfinite(tensor.sum()):  # no copy
                         non_finite.append(key)
                         continue
-                    # A copy in torch's own (64-byte aligned) memory, not a view of the file's
-                    # buffer (32 bytes off): AVX-512 kernels round by alignment, and a resumed
-                    # run then drifted from the straight one in the last bits (1 run in 3).
+                    # A copy in torch's own (64-byte aligned) memory, as a new model's, not a
+                    # view of the file's buffer (32 bytes off), so that no kernel's path depends
+                    # on where the file's header ended (README, "When something goes wrong").
                     set_tensor(model, name, tensor.to(device=device, dtype=dtype, copy=True))
                     loaded.add(name)
         except (SafetensorError, OSError) as error:

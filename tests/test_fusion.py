@@ -223,9 +223,9 @@ def test_composite_attention_needs_an_image_span():
 
 
 def test_loaded_weights_own_aligned_memory_as_a_new_model_does(tmp_path):
-    """from_pretrained copies each tensor out of the safetensors buffer: a view of it sits 32
-    bytes off a 64-byte boundary, and kernels that round by alignment made a resumed run drift
-    from the straight one in the last bits."""
+    """from_pretrained copies each tensor out of the safetensors buffer (a view of it sits 32
+    bytes off a 64-byte boundary), so a loaded model's memory is laid out as a new one's. It was
+    first suspected for a resumed run's last-bit drift; that was thread timing (test_cli.ONE_THREAD)."""
     SparseCut(tiny_config()).save_pretrained(tmp_path)
     loaded = SparseCut.from_pretrained(tmp_path)
     assert all(p.data_ptr() % 64 == 0 for p in loaded.parameters())
