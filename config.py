@@ -27,6 +27,7 @@ from vit import ViTConfig
 from weights import CheckpointError
 
 RUN_CONFIG = "train_config.json"
+PARTS = ("vit", "llm", "fusion")         # what --freeze and --reinit name
 
 
 @dataclass
@@ -63,6 +64,8 @@ class TrainConfig:
     stage1_iters: int = 0             # the first steps also freeze the LLM (paper stage 1 in one run)
     clip: ContrastiveConfig = field(default_factory=ContrastiveConfig)  # pretrain the encoder first
     init_from: str = ""               # start from this checkpoint's weights (paper stage 2)
+    reinit: str = ""                  # with init_from: a comma list of vit, llm, fusion that start new (or from
+                                      # vit_path / llm_path) instead of from the checkpoint
     num_workers: int = 0              # data worker processes (decoding, resizing, tokenising)
     fsdp: bool = False                # under torchrun: FSDP2 instead of DDP
     activation_checkpointing: bool = False   # recompute LLM blocks in the backward pass
@@ -76,6 +79,7 @@ class TrainConfig:
     question_mix: str = "random"      # random: the caption request and the questions in one conversation,
                                       # in random order; split: each conversation the caption alone (half
                                       # of them) or the questions alone (README: random did better, one run each)
+    caption_share: float = 0.5        # split: the share of conversations that are the caption alone
     image_place: str = "start"        # <image> moved to the start of its user turn (LLaVA) or its end,
                                       # after the question, which the visual tokens then see (README: no gain yet)
     context_length: int = 256         # longest sequence, image tokens included (longer samples are cut)
@@ -95,7 +99,8 @@ class TrainConfig:
         for name, ok, rule in (("lr", self.lr > 0, "positive"), ("grad_clip", self.grad_clip > 0, "positive"),
                                ("weight_decay", self.weight_decay >= 0, ">= 0"),
                                ("warmup_iters", self.warmup_iters >= 0, ">= 0"),
-                               ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")):
+                               ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+                               ("caption_share", 0 <= self.caption_share <= 1, "in [0, 1]")):
             if not ok:                                            # (NaN fails every rule)
                 raise ValueError(f"--{name} must be {rule}, not {getattr(self, name)}")
         if self.questions_per_image < 0:
@@ -104,6 +109,12 @@ class TrainConfig:
             raise ValueError(f"--question_mix takes random or split, not {self.question_mix!r}")
         if self.image_place not in IMAGE_PLACES:
             raise ValueError(f"--image_place takes {' or '.join(IMAGE_PLACES)}, not {self.image_place!r}")
+        for name in ("freeze", "reinit"):
+            for part in part_names(getattr(self, name)):
+                if part not in PARTS:
+                    raise ValueError(f"--{name} takes a comma list of {', '.join(PARTS)}, not {part!r}")
+        if self.reinit and not self.init_from:
+            raise ValueError("--reinit starts parts of the --init_from checkpoint new: give --init_from")
         if self.model.template not in TEMPLATES:
             raise ValueError(f"--template must be one of {', '.join(TEMPLATES)}, not {self.model.template!r}")
         if self.context_length <= self.model.n_image_tokens + 2:
@@ -128,6 +139,11 @@ class TrainConfig:
         d["model"] = SparseCutConfig.from_dict(d.get("model", {}))
         d["clip"] = ContrastiveConfig(**d.get("clip", {}))
         return cls(**d)
+
+
+def part_names(comma_list):
+    """"vit, fusion" -> ["vit", "fusion"]."""
+    return [part.strip() for part in comma_list.split(",") if part.strip()]
 
 
 def cosine_schedule(step, peak, warmup, total, min_ratio=0.0):

@@ -91,10 +91,10 @@ def template_words():
     return [w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.replace("{}", " ").lower())]
 
 
-def shapes_turns(caption, rng, template, n_questions=3, mix="random"):
+def shapes_turns(caption, rng, template, n_questions=3, mix="random", caption_share=0.5):
     """A Shapes training conversation, the image in the first user turn: `random`, the caption
     request and n_questions questions of random types in random order; `split`, either the caption
-    request alone (half the time) or the questions alone. `plain`: the caption alone."""
+    request alone (a caption_share of the time) or the questions alone. `plain`: the caption alone."""
     if template == "plain":
         return caption_turns(caption)
     objects, _ = parse_caption(caption)
@@ -103,7 +103,7 @@ def shapes_turns(caption, rng, template, n_questions=3, mix="random"):
         exchanges = [(CAPTION_REQUEST, caption)] + questions
         rng.shuffle(exchanges)
     else:
-        exchanges = [(CAPTION_REQUEST, caption)] if rng.random() < 0.5 else questions
+        exchanges = [(CAPTION_REQUEST, caption)] if rng.random() < caption_share else questions
     turns = []
     for k, (question, answer) in enumerate(exchanges):
         turns += [{"from": "human", "value": f"{IMAGE}\n{question}" if k == 0 else question},
@@ -125,8 +125,8 @@ class ShapesData:
     def samples(self, captions, seed):
         rng = random.Random(seed)
         c = self.config
-        return [Sample(shapes_turns(caption, rng, c.model.template, c.questions_per_image, c.question_mix), caption)
-                for caption in captions]
+        return [Sample(shapes_turns(caption, rng, c.model.template, c.questions_per_image, c.question_mix,
+                                    c.caption_share), caption) for caption in captions]
 
     def batch(self, step, part=0, parts=1):
         """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step.

@@ -52,6 +52,7 @@ class SparseCutConfig:
     deepstack_interval: int = 1
     input_layer: int = -2          # ViT hidden state feeding the input tokens: the penultimate
     visual_norm: bool = False      # visual tokens and shortcut features at unit RMS (not in the paper)
+    input_map: bool = False        # a linear map (d -> d) on the input tokens after the fusion (README)
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -144,8 +145,9 @@ class SparseCut(nn.Module):
         self.vit = vit if vit is not None else ViT(config.vit)
         self.llm = llm if llm is not None else LLM(config.llm)
         self.fusion = FUSIONS[config.fusion](config)
-        for module, given in ((self.vit, vit), (self.llm, llm), (self.fusion, None)):
-            if given is None:
+        self.input_map = nn.Linear(config.llm.width, config.llm.width) if config.input_map else None
+        for module, given in ((self.vit, vit), (self.llm, llm), (self.fusion, None), (self.input_map, None)):
+            if given is None and module is not None:
                 module.apply(init_weights)
         # The ViT runs only as deep as the deepest state used; the blocks above it and the final
         # layernorm (the model uses un-normalised states, as LLaVA does) get no gradient: frozen.
@@ -175,7 +177,10 @@ class SparseCut(nn.Module):
         """images (B, 3, H, W) in [0, 1] -> input tokens (B, N, d), injections {llm_layer: (B, N, d)}."""
         views = image_views(images, self.config.vit.image_size, self.fusion.high_res)  # (V*B, 3, R, R)
         hidden = self.vit(self.vit.normalize(views), self.fusion.vit_depth)  # vit_depth + 1 x (V*B, T, D_vit)
-        return self.fusion(hidden, images.shape[0])
+        tokens, injected = self.fusion(hidden, images.shape[0])
+        if self.input_map is not None:           # a new LLM reads a frozen fusion's tokens through it
+            tokens = self.fusion.norm(self.input_map(tokens))
+        return tokens, injected
 
     def place_image(self, input_ids, n_image, labels=None, attention_mask=None):
         """Each row's image start (B,) and the ids, labels and mask with the image run in place:
@@ -199,22 +204,19 @@ class SparseCut(nn.Module):
         run = starts[:, None] + torch.arange(n_image, device=starts.device)   # where the run must be
         if not bool((is_image.sum(1) == n_image).all()) or int(run.max()) >= input_ids.shape[1] \
                 or not bool(is_image.gather(1, run).all()):
-            raise ValueError(f"each row of input_ids must mark the image with one run of {n_image} "
-                             f"image_token_id ({marker}) tokens, or with one of them; found "
-                             f"{is_image.sum(1).tolist()}")
+            raise ValueError(f"each row of input_ids must mark the image with one run of {n_image} image_token_id "
+                             f"({marker}) tokens, or with one of them; found {is_image.sum(1).tolist()}")
         return starts, input_ids, labels, attention_mask
 
     def embed(self, images, input_ids, labels=None, attention_mask=None):
         """The LLM input: token embeddings with the visual tokens in the image rows (B, T, d), the
         image span, injections, and the ids/labels/mask with the image run in place."""
         visual, injected = self.encode_images(images)            # (B, N, d)
-        N = visual.shape[1]
-        starts, input_ids, labels, attention_mask = self.place_image(input_ids, N, labels, attention_mask)
-        span = (starts, starts + N)
+        starts, input_ids, labels, attention_mask = self.place_image(input_ids, visual.shape[1], labels, attention_mask)
+        span = (starts, starts + visual.shape[1])
         image_index, text_index = image_rows(span, *input_ids.shape, input_ids.device)
-        h = self.llm.embed_tokens(input_ids.masked_fill(input_ids == self.config.image_token_id,
-                                                        self.config.pad_id))  # (B, T, d)
-        h = put_rows(h, image_index, visual.to(h.dtype))
+        h = self.llm.embed_tokens(input_ids.masked_fill(input_ids == self.config.image_token_id, self.config.pad_id))
+        h = put_rows(h, image_index, visual.to(h.dtype))                   # (B, T, d)
         return h, span, injected, text_index, labels, attention_mask
 
     def forward(self, images, input_ids, labels=None, attention=None, attention_mask=None):
@@ -225,8 +227,7 @@ class SparseCut(nn.Module):
         each token predicted from the row before it in the whole sequence (image rows included).
         """
         c = self.config
-        h, span, injected, text_index, labels, attention_mask = self.embed(images, input_ids, labels,
-                                                                          attention_mask)
+        h, span, injected, text_index, labels, attention_mask = self.embed(images, input_ids, labels, attention_mask)
         positions = None if attention_mask is None else (attention_mask.long().cumsum(1) - 1).clamp(min=0)
         hidden = self.llm(inputs_embeds=h, position_ids=positions, attention_mask=attention_mask,
                           injections=injected, image_span=span, attention=attention or c.attention,

@@ -19,12 +19,12 @@ import torch
 
 import distributed
 from config import (CONFIGS, assign, cosine_schedule, load_run_config, lookup, named_config, parse_options,
-                    run_cli, save_run_config)
+                    part_names, run_cli, save_run_config)
 from contrastive import check_encoder, pretrain_encoder
 from data import load_tokenizer, make_data, step_batches, worker_failures
 from metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
-from weights import CheckpointError, checkpoint_dir, recover
+from weights import CheckpointError, checkpoint_dir, fill_weights, read_config, recover
 
 DOWNLOADS = {  # what the default backbone paths hold, by Hugging Face repository
     "clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
@@ -79,11 +79,8 @@ def learning_rate(config, step):
 
 
 def apply_freeze(model, freeze):
-    parts = {"vit": model.vit, "llm": model.llm, "fusion": model.fusion}
-    for name in filter(None, (s.strip() for s in freeze.split(","))):
-        if name not in parts:
-            raise ValueError(f"--freeze takes a comma list of {', '.join(parts)}, not {name!r}")
-        parts[name].requires_grad_(False)
+    for name in part_names(freeze):                       # names checked by TrainConfig.check
+        getattr(model, name).requires_grad_(False)
 
 
 def make_optimizer(model, config, device):
@@ -148,6 +145,15 @@ def build_model(config, device, ckpt_path):
     m = config.model
     if config.resume:
         return SparseCut.from_pretrained(ckpt_path, device, config=m)
+    if config.init_from and config.reinit:      # the parts named new, the others from the checkpoint
+        path, new = checkpoint_dir(config.init_from), tuple(part + "." for part in part_names(config.reinit))
+        if read_config(path).get("model_type") == "llava":
+            raise ValueError(f"--reinit takes parts of a checkpoint written by train.py; {path} is a "
+                             "LLaVA directory (--init_from it alone keeps its encoder and LLM, the fusion new)")
+        model = SparseCut.from_backbones(m, device) if m.vit_path else SparseCut(m).to(device)
+        elsewhere = (("vit.",) if m.vit_path else ()) + (("llm.",) if m.llm_path else ())  # backbones
+        return fill_weights(model, path, lambda name: None if name.startswith(new) else name,
+                            device=device, optional_prefixes=new + elsewhere + ("input_map.",))
     if config.init_from:
         return SparseCut.from_pretrained(checkpoint_dir(config.init_from), device, config=m)
     if m.vit_path:
@@ -183,10 +189,12 @@ def load_train_state(path):
 
 def run_tokenizer(config, ckpt_path):
     """The run's own when resuming; that of the checkpoint it starts from (a stage-1 run, a
-    LLaVA-1.5 directory) when it has one; else None (make_data builds or loads one)."""
+    LLaVA-1.5 directory) when it has one and its LLM is kept; else None (make_data builds or
+    loads one)."""
     if config.resume:
         return load_tokenizer(ckpt_path)
-    if config.init_from and os.path.isfile(os.path.join(checkpoint_dir(config.init_from), "tokenizer.json")):
+    kept_llm = config.init_from and "llm" not in part_names(config.reinit)
+    if kept_llm and os.path.isfile(os.path.join(checkpoint_dir(config.init_from), "tokenizer.json")):
         return load_tokenizer(checkpoint_dir(config.init_from))
     return None
 

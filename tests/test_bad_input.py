@@ -84,6 +84,7 @@ TRAIN_OPTIONS = [  # (argv, what the message must contain)
     (["--fusion", "deepstack", "--shortcuts", "uniform"], "deepstack adds its own 4 stacks"),
     (["--width", 64], "--width could mean --model.vit.width or --model.llm.width"),
     (["--fsdp", "maybe", "--max_iters", 2], "unexpected argument 'maybe'"),
+    (["--caption_share", 1.5], "--caption_share must be in [0, 1], not 1.5"),
 ]
 
 

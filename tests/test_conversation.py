@@ -256,6 +256,9 @@ def test_shapes_conversations_mix_caption_and_questions():
         assert shapes_turns(captions[0], rng, "chatml", 0, mix) == [
             {"from": "human", "value": f"<image>\n{CAPTION_REQUEST}"}, {"from": "gpt", "value": captions[0]}]
     assert 60 < caption_alone < 140
+    for share in (0.0, 1.0):                  # split: the caption alone in that share of conversations
+        asked = [shapes_turns(caption, rng, "chatml", 2, "split", share)[0]["value"] for caption in captions]
+        assert sum(CAPTION_REQUEST in question for question in asked) == share * len(captions)
 
 
 def test_llava_formats(tmp_path, tokenizer):
