@@ -77,9 +77,10 @@ class TrainConfig:
     max_caption_tokens: int = 40      # longest answer (caption) + its end; generation stops one short of it
     questions_per_image: int = 3      # Shapes in a chat template: questions in each training conversation
     question_mix: str = "random"      # random: the caption request and the questions in one conversation,
-                                      # in random order; split: each conversation the caption alone (half
-                                      # of them) or the questions alone (README: random did better, one run each)
+                                      # in random order; split: each conversation the caption alone (a
+                                      # caption_share of them) or the questions alone (README: random did better, one run each)
     caption_share: float = 0.5        # split: the share of conversations that are the caption alone
+                                      # (0: questions alone, as the second of two stages; README)
     image_place: str = "start"        # <image> moved to the start of its user turn (LLaVA) or its end,
                                       # after the question, which the visual tokens then see (README: no gain yet)
     context_length: int = 256         # longest sequence, image tokens included (longer samples are cut)
