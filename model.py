@@ -52,7 +52,7 @@ class SparseCutConfig:
     deepstack_interval: int = 1
     input_layer: int = -2          # ViT hidden state feeding the input tokens: the penultimate
     visual_norm: bool = False      # visual tokens and shortcut features at unit RMS (not in the paper)
-    input_map: bool = False        # a linear map (d -> d) on the input tokens after the fusion (README)
+    input_map: bool = False        # a new linear map (d -> d) on the input tokens (not in the paper; README, "Two stages")
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
