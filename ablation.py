@@ -31,7 +31,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from config import check_device, named_config, parse_options, run_cli
+from config import check_device, parse_options, run_cli
+from recipes import named_config
 from data import make_data
 from fusion import FUSIONS
 from metrics import closed_form_flops

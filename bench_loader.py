@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from config import named_config, parse_options, run_cli
+from config import parse_options, run_cli
+from recipes import named_config
 from data import make_data, step_batches
 from llm import LLMConfig
 from model import SparseCut, SparseCutConfig

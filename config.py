@@ -1,6 +1,6 @@
 """Run configs and the command line, shared by every script.
 
-- `TrainConfig` and the named configs (`tiny`, `smol`, `llava15-7b`).
+- `TrainConfig` (the named configs that fill it are in recipes.py).
 - One parser for all scripts: `--path value` sets a field of a dataclass tree. A field is named
   by its dotted path (`--model.vit.width 128`) or by any tail of it that names one field only
   (`--vit.width 128`, `--fusion llava`); a name that could mean two fields is an error. Values
@@ -21,9 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from conversation import IMAGE_PLACES, TEMPLATES
-from llm import LLMConfig
 from model import SparseCutConfig
-from vit import ViTConfig
 from weights import CheckpointError
 
 RUN_CONFIG = "train_config.json"
@@ -66,6 +64,8 @@ class TrainConfig:
     init_from: str = ""               # start from this checkpoint's weights (paper stage 2)
     reinit: str = ""                  # with init_from: a comma list of vit, llm, fusion that start new (or from
                                       # vit_path / llm_path) instead of from the checkpoint
+    init_config: str = ""             # the named config that makes init_from (default out_dir/NAME): trained
+                                      # there first when it holds no finished run (tiny-assistant's stages)
     num_workers: int = 0              # data worker processes (decoding, resizing, tokenising)
     fsdp: bool = False                # under torchrun: FSDP2 instead of DDP
     activation_checkpointing: bool = False   # recompute LLM blocks in the backward pass
@@ -164,73 +164,6 @@ def check_device(name):
         raise ValueError(f"--device {name}: no CUDA device is available here; use --device cpu")
     if kind == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device {name}: MPS is not available here; use --device cpu")
-
-
-def tiny():
-    """The embedded default: a CPU captioner on Shapes in minutes."""
-    return TrainConfig(model=SparseCutConfig(
-        vit=ViTConfig(image_size=48, patch_size=8, width=96, n_layer=4, n_head=4, mlp_dim=384),
-        llm=LLMConfig(width=128, n_layer=4, n_head=4, n_kv_head=2, mlp_dim=384)))
-
-
-def tiny_chat():
-    """The tiny model as an assistant: each Shapes sample a chatml conversation (a system prompt,
-    the image, its caption and questions about it, in random order; data.shapes_turns). Visual
-    tokens at RMS 1 (visual_norm: the same quality in 1,500 steps as in 2,700 without) and each
-    head's queries and keys RMS-normalised (qk_norm, as in Qwen3: questions that name an object by
-    its position 0.993 right instead of 0.971, three seeds; README, "Questions about the image")."""
-    config = tiny()
-    config.model.template, config.model.visual_norm, config.model.llm.qk_norm = "chatml", True, True
-    config.out_dir, config.max_iters = "out/tiny-chat", 1500
-    return config
-
-
-def tiny_frozen():
-    """The paper's setting at tiny scale: the tiny ViT pretrained CLIP-style (contrastive, on the
-    low-res view) into out/tiny-clip once and reused by every run that names it, then frozen;
-    stage 1 trains the fusion alone, stage 2 the fusion and the (new) LLM."""
-    config = tiny()
-    config.model.vit_path = "out/tiny-clip"
-    config.clip.iters = 600
-    config.freeze, config.stage1_iters, config.out_dir = "vit", 100, "out/tiny-frozen"
-    return config
-
-
-def llava15_7b():
-    """The paper's setting at 7B: CLIP ViT-L/14-336 + Vicuna-7B v1.5, shortcuts scaled from the
-    released 13B lists to 24 ViT / 32 LLM layers ((1, 3), (4, 7), ..., (22, 31)). These are the
-    stage-1 settings (fusion only, lr 1e-3, LCS-558K, template plain); stage 2 (LLaVA-665K
-    conversations, vicuna_v1) adds `--freeze vit --lr 2e-5 --template vicuna_v1 --init_from
-    out/llava15-7b --data data/llava-665k --out_dir out/llava15-7b-s2`.
-    Global batch 256 as in LLaVA-1.5 (16 per GPU x 2 accumulation x 8 GPUs), 3% warmup, cosine."""
-    return TrainConfig(
-        model=SparseCutConfig(vit_path="checkpoints/clip-vit-large-patch14-336",
-                              llm_path="checkpoints/vicuna-7b-v1.5"),
-        data="data/llava-pretrain", out_dir="out/llava15-7b", device="cuda", batch_size=16,
-        grad_accum=2, max_iters=2180, lr=1e-3, warmup_iters=65, weight_decay=0.0,
-        freeze="vit,llm", fsdp=True, activation_checkpointing=True, log_interval=10,
-        eval_interval=500, checkpoint_interval=500, max_caption_tokens=128, context_length=2048)
-
-
-def smol():
-    """SigLIP-B/16 + SmolLM2-135M: one GPU trains it in hours on Flickr8k or COCO captions."""
-    return TrainConfig(
-        model=SparseCutConfig(vit_path="checkpoints/siglip-base-patch16-224",
-                              llm_path="checkpoints/SmolLM2-135M"),
-        data="data/flickr8k", out_dir="out/smol", device="cuda", batch_size=64, max_iters=3000,
-        lr=2e-4, warmup_iters=100, freeze="vit", log_interval=20, eval_interval=500,
-        checkpoint_interval=500, max_caption_tokens=64)
-
-
-CONFIGS = {"tiny": tiny, "tiny-chat": tiny_chat, "tiny-frozen": tiny_frozen, "llava15-7b": llava15_7b, "smol": smol}
-
-
-def named_config(name):
-    if name not in CONFIGS:
-        raise ValueError(f"unknown --config {name!r}: choose one of {', '.join(CONFIGS)}")
-    config = CONFIGS[name]()
-    config.config_name = name
-    return config
 
 
 # --- the one parser ----------------------------------------------------------------------------

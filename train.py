@@ -18,12 +18,13 @@ import time
 import torch
 
 import distributed
-from config import (CONFIGS, assign, cosine_schedule, load_run_config, lookup, named_config, parse_options,
-                    part_names, run_cli, save_run_config)
+from config import (assign, cosine_schedule, load_run_config, lookup, parse_options, part_names, run_cli,
+                    save_run_config)
 from contrastive import check_encoder, pretrain_encoder
 from data import load_tokenizer, make_data, step_batches, worker_failures
 from metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
+from recipes import CONFIGS, named_config
 from weights import CheckpointError, checkpoint_dir, fill_weights, read_config, recover
 
 DOWNLOADS = {  # what the default backbone paths hold, by Hugging Face repository
@@ -37,8 +38,11 @@ VAL_LOGGED = ("object_f1", "shape_acc", "color_acc", "size_acc", "texture_acc", 
 
 
 def parse_args(argv):
-    """--config NAME (default tiny), then field overrides. With --resume the base is the run's
-    saved config instead, and an override of a model field that differs from it is an error."""
+    return parse_run(argv)[0]
+
+
+def parse_run(argv):
+    """--config NAME (default tiny), then field overrides: (config, {field path: value given})."""
     argv = list(argv)
     name = None
     if "--config" in argv:
@@ -49,9 +53,20 @@ def parse_args(argv):
         argv.pop(at)
     config = named_config(name or "tiny")
     given = parse_options(config, argv, __doc__)
+    return settle(config, given, name), given
+
+
+def settle(config, given, name):
+    """The run's config once its options are in. With --resume it is the run's saved config, and
+    an override of a model field that differs from it is an error."""
     check_out_dir(config)
     if config.resume:
         config = resumed_config(config, given, name)
+    elif config.init_config:
+        if config.init_config not in CONFIGS:
+            raise ValueError(f"--init_config names the config that makes --init_from: one of "
+                             f"{', '.join(CONFIGS)}, not {config.init_config!r}")
+        config.init_from = config.init_from or os.path.join(config.out_dir, config.init_config)
     config.check()
     return config
 
@@ -169,8 +184,9 @@ def check_out_dir(config):
     path = os.path.join(config.out_dir, "checkpoint")
     recover(path)
     if config.resume and not os.path.isfile(os.path.join(path, "train_state.pt")):
+        later = " (a staged config's earlier stages then continue where they stopped)" if config.init_config else ""
         raise CheckpointError(f"--resume: no training checkpoint in {path}; "
-                              "run without --resume to start a new run")
+                              f"run without --resume to start a new run{later}")
     if not config.resume and os.path.exists(path) and not config.overwrite:
         raise ValueError(f"{config.out_dir} already holds a run (checkpoint/): continue it with "
                          "--resume, choose another --out_dir, or replace it with --overwrite true")
@@ -323,8 +339,41 @@ def train(config):
     return model, data, context, dtype
 
 
+def train_earlier_stage(config, given):
+    """A staged config (tiny-assistant): when init_from holds no model, train it first with
+    init_config (its own earlier stage before it); resume it where a kill stopped it. Every stage
+    takes this run's seed and device and the model options given on the command line; a finished
+    stage of another seed in out_dir is refused (not reused by mistake)."""
+    if not config.init_config or config.resume:    # (a resumed run's earlier stages are done)
+        return
+    options = {"seed": config.seed, "device": config.device, "out_dir": config.init_from,
+               **{path: value for path, value in given.items() if path.startswith("model.")}}
+    found = checkpoint_dir(config.init_from)
+    state_path = os.path.join(found, "train_state.pt")
+    if os.path.isfile(os.path.join(found, "config.json")) and not os.path.isfile(state_path):
+        return                                      # a model without a training state: used as it is
+    if os.path.isfile(state_path):
+        saved = load_run_config(found)
+        if saved.seed != config.seed and "init_from" not in given:      # not one named on purpose
+            raise ValueError(f"{config.init_from} holds a {saved.config_name} run of --seed {saved.seed}, "
+                             f"not {config.seed}: choose another --out_dir, or start from it with --init_from")
+        if load_train_state(state_path)["step"] >= saved.max_iters:
+            return                                  # finished: this run starts from it
+        options["resume"] = True
+    earlier = named_config(config.init_config)
+    for path, value in options.items():
+        assign(earlier, path, value)
+    earlier = settle(earlier, options, config.init_config)
+    train_earlier_stage(earlier, options)
+    print(f"stage {config.init_config} first, into {earlier.out_dir}", flush=True)
+    with worker_failures():
+        context = train(earlier)[2]
+    context.close()                                 # under torchrun the next stage joins a new group
+
+
 def main(argv):
-    config = parse_args(argv)
+    config, given = parse_run(argv)
+    train_earlier_stage(config, given)
     with worker_failures():
         model, data, context, dtype = train(config)
     context.close()                     # every rank leaves the group together, before evaluation

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import cosine_schedule, parse_options, run_cli, tiny_chat       # noqa: E402
+from config import cosine_schedule, parse_options, run_cli                  # noqa: E402
+from recipes import tiny_chat                                                # noqa: E402
 from data import to_tensor                                                 # noqa: E402
 from llm import LLM                                                       # noqa: E402
 from model import SparseCut, init_weights                                  # noqa: E402

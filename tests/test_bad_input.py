@@ -85,6 +85,7 @@ TRAIN_OPTIONS = [  # (argv, what the message must contain)
     (["--width", 64], "--width could mean --model.vit.width or --model.llm.width"),
     (["--fsdp", "maybe", "--max_iters", 2], "unexpected argument 'maybe'"),
     (["--caption_share", 1.5], "--caption_share must be in [0, 1], not 1.5"),
+    (["--init_config", "tiny-stage9"], "--init_config names the config that makes --init_from: one of tiny,"),
 ]
 
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from config import TrainConfig, named_config, parse_options
+from config import TrainConfig, parse_options
+from recipes import named_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENTRY_POINTS = {"train", "sample", "eval", "bench", "bench_loader", "ablation"}

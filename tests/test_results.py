@@ -12,7 +12,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import train                                                      # noqa: E402
-from config import ContrastiveConfig, named_config, parse_options  # noqa: E402
+from config import ContrastiveConfig, parse_options                # noqa: E402
+from recipes import named_config                                    # noqa: E402
 from contrastive import ContrastivePair, save_clip_vision           # noqa: E402
 from data import make_data                                          # noqa: E402
 from model import SparseCut, init_weights                          # noqa: E402

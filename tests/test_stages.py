@@ -1,10 +1,16 @@
-"""Two stages: a run that starts from another's checkpoint (--init_from) with some parts new
-(--reinit) and the others kept, frozen or not (--freeze)."""
+"""Stages: a run that starts from another's checkpoint (--init_from) with some parts new
+(--reinit) and the others kept, frozen or not (--freeze); a named config that trains its earlier
+stages first (--init_config, tiny-assistant)."""
 
+import json
+import shutil
+
+import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import recipes
 import train
 from config import load_run_config, run_cli
 from conftest import tiny_config
@@ -12,6 +18,9 @@ from data import load_tokenizer
 from fusion import image_views
 from model import SparseCut
 from test_bad_input import TINY_RUN, expect_error
+from test_cli import SMALL
+
+SMALL_MODEL = SMALL[:SMALL.index("--batch_size")]         # the model options of the small runs
 
 
 def tensors(run):
@@ -64,3 +73,67 @@ def test_reinit_errors(tmp_path, capsys):
     expect_error(train.main, [*TINY_RUN, "--reinit", "llm,brain", "--init_from", tmp_path, "--out_dir", tmp_path / "b"],
                  "--reinit takes a comma list of vit, llm, fusion, not 'brain'", capsys)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture
+def small_stages(monkeypatch):
+    """tiny-assistant's three stages at test size: 2, 3 and 2 steps, a checkpoint at each step."""
+    for name, steps in (("tiny-stage1", 2), ("tiny-stage2", 3), ("tiny-assistant", 2)):
+        def make(base=recipes.CONFIGS[name], steps=steps):
+            config = base()
+            config.max_iters, config.batch_size, config.n_val, config.n_test = steps, 4, 4, 2
+            config.warmup_iters, config.eval_interval, config.checkpoint_interval, config.log_interval = 1, 1000, 1, 1
+            return config
+        monkeypatch.setitem(recipes.CONFIGS, name, make)
+    return ["--config", "tiny-assistant", *SMALL_MODEL, "--seed", 7]
+
+
+def test_a_staged_config_trains_its_earlier_stages_first_and_reuses_them(tmp_path, small_stages, capsys):
+    """tiny-assistant trains tiny-stage2 into out_dir/tiny-stage2, which trains tiny-stage1 into
+    its own folder first; each with the run's seed and model options; the encoder and fusion of
+    stage 1 reach the end untouched. A finished stage is reused, another seed's is refused."""
+    run = tmp_path / "run"
+    run_cli(train.main, [str(a) for a in [*small_stages, "--out_dir", run]])
+    stage2, stage1 = run / "tiny-stage2", run / "tiny-stage2" / "tiny-stage1"
+    printed = capsys.readouterr().out
+    assert printed.index(f"stage tiny-stage1 first, into {stage1}") < printed.index("stage tiny-stage2 first")
+    configs = {path: load_run_config(str(path / "checkpoint")) for path in (stage1, stage2, run)}
+    assert [c.config_name for c in configs.values()] == ["tiny-stage1", "tiny-stage2", "tiny-assistant"]
+    assert all(c.seed == 7 and c.model.vit.width == 16 and c.model.llm.width == 32 for c in configs.values())
+    assert configs[stage2].init_from == str(stage1) and configs[run].init_from == str(stage2)
+    assert [configs[stage2].caption_share, configs[run].caption_share] == [0.0, 0.3]
+    first, second, last = tensors(stage1), tensors(stage2), tensors(run)
+    kept = [name for name in last if name.startswith(("vit.", "fusion."))]
+    assert kept and all(torch.equal(last[name], first[name]) and torch.equal(second[name], first[name]) for name in kept)
+    assert not torch.equal(last["llm.embed_tokens.weight"], second["llm.embed_tokens.weight"])  # stage 3 trained on
+    assert last["llm.embed_tokens.weight"].shape != first["llm.embed_tokens.weight"].shape  # a chatml LLM
+    assert (run / "eval.json").exists() and not (stage2 / "eval.json").exists()
+
+    run_cli(train.main, [str(a) for a in [*small_stages, "--out_dir", tmp_path / "again", "--init_from", stage2]])
+    assert "first, into" not in capsys.readouterr().out                  # stage 2 finished: used as it is
+    bare = tmp_path / "bare"                                               # a model, no training state
+    shutil.copytree(stage2 / "checkpoint", bare, ignore=shutil.ignore_patterns("train_state.pt"))
+    run_cli(train.main, [str(a) for a in [*small_stages, "--out_dir", tmp_path / "third", "--init_from", bare]])
+    assert "first, into" not in capsys.readouterr().out and (tmp_path / "third" / "eval.json").exists()
+    expect_error(train.main, [*small_stages, "--out_dir", run, "--overwrite", "true", "--seed", 8],
+                 f"{stage2} holds a tiny-stage2 run of --seed 7, not 8: choose another --out_dir", capsys)
+
+
+def test_a_stage_killed_midway_is_resumed_by_the_next_run(tmp_path, small_stages, monkeypatch, capsys):
+    run, save = tmp_path / "run", train.save_checkpoint
+
+    def save_then_stop(model, optimizer, data, config, step, *rest):
+        save(model, optimizer, data, config, step, *rest)
+        if config.config_name == "tiny-stage2" and step == 1:
+            raise KeyboardInterrupt                      # as Ctrl-C right after stage 2's first checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(SystemExit):
+        run_cli(train.main, [str(a) for a in [*small_stages, "--out_dir", run]])
+    assert not (run / "checkpoint").exists()
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    capsys.readouterr()
+    run_cli(train.main, [str(a) for a in [*small_stages, "--out_dir", run]])
+    printed = capsys.readouterr().out
+    assert "stage tiny-stage1" not in printed and "stage tiny-stage2 first" in printed and "steps 1..3" in printed
+    steps = [json.loads(line)["step"] for line in (run / "tiny-stage2" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and (run / "eval.json").exists()
