@@ -46,13 +46,14 @@ def tiny_stage1():
 def tiny_stage2():
     """Second stage: a new chatml LLM and a new input map (model.input_map) learn questions alone,
     one per conversation with the image after it, on stage 1's frozen encoder and fusion, for
-    2,000 steps. With captions in this mix the LLM learns the captions and not the questions
-    that look an object up by what it is (README, "Two stages")."""
+    3,000 steps (the lookup by content forms late, and later on some seeds: README, "Three
+    stages"). With captions in this mix the LLM learns the captions and not the questions that
+    look an object up by what it is."""
     config = tiny_chat()
     config.init_config, config.reinit, config.freeze = "tiny-stage1", "llm", "vit,fusion"
     config.model.input_map, config.image_place, config.questions_per_image = True, "end", 1
     config.question_mix, config.caption_share = "split", 0.0
-    config.max_iters, config.out_dir = 2000, "out/tiny-stage2"
+    config.max_iters, config.out_dir = 3000, "out/tiny-stage2"
     return config
 
 
