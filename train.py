@@ -359,7 +359,7 @@ def train_earlier_stage(config, given):
                              f"not {config.seed}: choose another --out_dir, or start from it with --init_from")
         if load_train_state(state_path)["step"] >= saved.max_iters:
             return                                  # finished: this run starts from it
-        options["resume"] = True
+        options.update(resume=True, seed=saved.seed)  # a resumed stage keeps its own seed
     earlier = named_config(config.init_config)
     for path, value in options.items():
         assign(earlier, path, value)
