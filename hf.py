@@ -1,13 +1,16 @@
 """Hugging Face checkpoint formats: config.json translated to our config fields, and tensor names
 mapped to ours, for CLIP / SigLIP vision towers, Llama / Mistral / Qwen2 / Qwen3 decoders and
-LLaVA-1.5 (`LlavaForConditionalGeneration`). Used by the `from_pretrained` methods of vit.py,
-llm.py and model.py; the weights themselves are read by weights.py.
+LLaVA-1.5 (`LlavaForConditionalGeneration`, loaded whole by `load_llava`). Used by the
+`from_pretrained` methods of vit.py, llm.py and model.py; the weights are read by weights.py.
 """
 
 import json
 import os
+from dataclasses import replace
 
-from weights import CheckpointError
+import torch
+
+from weights import CheckpointError, fill_weights, load_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -140,3 +143,22 @@ def llava_key(name, keep_projector=True):
                 return ours + rest.replace("linear_1.", "fc1.").replace("linear_2.", "fc2.") if keep_projector else None
             return ours + rest
     return name                                   # reported as unexpected
+
+
+def load_llava(model_class, config_class, path, raw, device, dtype, config=None, **overrides):
+    """A transformers LlavaForConditionalGeneration directory as a `llava` model (SparseCut, its
+    config class); with config (a run's: init_from), its encoder and LLM under that config's
+    fusion (new unless llava)."""
+    llava = config_class.from_dict(llava_fields(raw, path))
+    if config is None:
+        config = replace(llava, **overrides)
+    else:
+        config = replace(config, **{f: getattr(llava, f) for f in ("vit", "llm", "input_layer", "image_token_id",
+                                                                 "bos_id", "eos_id", "pad_id")})
+    keep_projector = config.fusion == "llava"
+    names = lambda name: llava_key(name, keep_projector)
+    if keep_projector:
+        return load_weights(model_class, config, path, names, dtype=dtype, device=device)
+    with torch.device(device):
+        model = model_class(config).to(dtype)                     # the new fusion initialised
+    return fill_weights(model, path, names, dtype=dtype, device=device, optional_prefixes=("fusion.",))

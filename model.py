@@ -52,7 +52,8 @@ class SparseCutConfig:
     deepstack_interval: int = 1
     input_layer: int = -2          # ViT hidden state feeding the input tokens: the penultimate
     visual_norm: bool = False      # visual tokens and shortcut features at unit RMS (not in the paper)
-    input_map: bool = False        # a new linear map (d -> d) on the input tokens (not in the paper; README, "Two stages")
+    input_map: bool = False        # a new linear map (d -> d) on the input tokens (not in the paper; README, "Three stages")
+    image_positions: bool = False  # with input_map: a learned vector per visual token added by it (neither in the paper)
     bos_id: int = 1
     eos_id: int = 2
     pad_id: int = 0
@@ -80,6 +81,8 @@ class SparseCutConfig:
                 raise ValueError(f"{names} must be a whole number, not {whole} / {part}")
         if min(v.n_layer, l.n_layer) < 1:
             raise ValueError("vit.n_layer and llm.n_layer must be at least 1")
+        if self.image_positions and not self.input_map:
+            raise ValueError("image_positions are added by the input map: give --input_map true with them")
         FUSIONS[self.fusion].make_plan(self)
 
     def to_dict(self):
@@ -133,6 +136,20 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
 
 
+class InputMap(nn.Linear):
+    """A new linear map on the input tokens, for a new LLM to read a frozen fusion through, and with
+    `positions` a learned vector per visual token added after it (N(0, 0.25)): which cell a token
+    is in, for an LLM that reads the image after the question (README, "Three stages")."""
+
+    def __init__(self, width, n_tokens, positions):
+        super().__init__(width, width)
+        self.positions = nn.Parameter(torch.randn(n_tokens, width) * 0.5) if positions else None
+
+    def forward(self, tokens):                                 # (B, N, d) -> (B, N, d)
+        tokens = super().forward(tokens)
+        return tokens if self.positions is None else tokens + self.positions
+
+
 class SparseCut(nn.Module):
     """The multimodal model. forward(images, input_ids, labels) -> (logits, loss).
 
@@ -145,7 +162,8 @@ class SparseCut(nn.Module):
         self.vit = vit if vit is not None else ViT(config.vit)
         self.llm = llm if llm is not None else LLM(config.llm)
         self.fusion = FUSIONS[config.fusion](config)
-        self.input_map = nn.Linear(config.llm.width, config.llm.width) if config.input_map else None
+        self.input_map = InputMap(config.llm.width, config.n_image_tokens, config.image_positions) \
+            if config.input_map else None
         for module, given in ((self.vit, vit), (self.llm, llm), (self.fusion, None), (self.input_map, None)):
             if given is None and module is not None:
                 module.apply(init_weights)
@@ -330,7 +348,7 @@ class SparseCut(nn.Module):
         (resuming a run), or, for a LLaVA directory, the run it starts (its ViT and LLM)."""
         raw = read_config(path)
         if raw.get("model_type") == "llava":
-            return cls.from_llava(path, raw, device, dtype, config, **overrides)
+            return hf.load_llava(cls, SparseCutConfig, path, raw, device, dtype, config, **overrides)
         if config is None:
             try:
                 config = SparseCutConfig.from_dict(raw)
@@ -343,21 +361,3 @@ class SparseCut(nn.Module):
         model = cls.from_backbones(config, device, dtype)
         return fill_weights(model, path, names, dtype=dtype, device=device,
                             optional_prefixes=("vit.", "llm.") if config.llm_path else ("vit.",))
-
-    @classmethod
-    def from_llava(cls, path, raw, device, dtype, config=None, **overrides):
-        """A transformers LlavaForConditionalGeneration directory as a `llava` model; with config
-        (a run's: init_from), its encoder and LLM under that config's fusion (new unless llava)."""
-        llava = SparseCutConfig.from_dict(hf.llava_fields(raw, path))
-        if config is None:
-            config = replace(llava, **overrides)
-        else:
-            config = replace(config, **{f: getattr(llava, f) for f in ("vit", "llm", "input_layer", "image_token_id",
-                                                                     "bos_id", "eos_id", "pad_id")})
-        keep_projector = config.fusion == "llava"
-        names = lambda name: hf.llava_key(name, keep_projector)
-        if keep_projector:
-            return load_weights(cls, config, path, names, dtype=dtype, device=device)
-        with torch.device(device):
-            model = cls(config).to(dtype)                             # the new fusion initialised
-        return fill_weights(model, path, names, dtype=dtype, device=device, optional_prefixes=("fusion.",))

@@ -35,7 +35,8 @@ def test_reinit_starts_the_named_parts_as_a_new_run_would_and_loads_the_others(t
     first, second = tmp_path / "captions", tmp_path / "questions"
     run_cli(train.main, [str(a) for a in [*TINY_RUN, "--out_dir", first]])
     run_cli(train.main, [str(a) for a in [*TINY_RUN, "--config", "tiny-chat", "--init_from", first,
-                                          "--reinit", "llm", "--freeze", "vit,fusion", "--input_map", "true", "--lr", 1e-9,
+                                          "--reinit", "llm", "--freeze", "vit,fusion", "--input_map", "true",
+                                          "--image_positions", "true", "--lr", 1e-9,
                                           "--seed", 7, "--out_dir", second]])
     before, after = tensors(first), tensors(second)
     kept = [name for name in after if name.startswith(("vit.", "fusion."))]
@@ -48,19 +49,25 @@ def test_reinit_starts_the_named_parts_as_a_new_run_would_and_loads_the_others(t
     torch.manual_seed(7)
     new = SparseCut(config.model).state_dict()
     llm = [name for name in after if name.startswith(("llm.", "input_map."))]
-    assert "input_map.weight" in llm and "input_map.weight" not in before and all(torch.allclose(after[name], new[name], atol=1e-6) for name in llm)
+    assert {"input_map.weight", "input_map.positions"} <= set(llm) and "input_map.weight" not in before and all(torch.allclose(after[name], new[name], atol=1e-6) for name in llm)
     assert not torch.allclose(new["fusion.fusers.0.projector.fc1.weight"], before["fusion.fusers.0.projector.fc1.weight"])
 
 
-def test_the_input_map_takes_the_fusions_tokens_back_to_rms_1(images):
-    """input_map: the fusion's input tokens through a linear map, at RMS 1 again (visual_norm);
-    the shortcuts' features are the fusion's own."""
+@pytest.mark.parametrize("positions", [False, True])
+def test_the_input_map_takes_the_fusions_tokens_back_to_rms_1(images, positions):
+    """input_map: the fusion's input tokens through a linear map (and with image_positions a
+    learned vector per visual token added), at RMS 1 again (visual_norm); the shortcuts'
+    features are the fusion's own."""
     torch.manual_seed(0)
-    model = SparseCut(tiny_config(visual_norm=True, input_map=True))
+    model = SparseCut(tiny_config(visual_norm=True, input_map=True, image_positions=positions))
     tokens, injected = model.encode_images(images)                       # (B, N, d)
     views = image_views(images, model.config.vit.image_size)
     fused, fused_injected = model.fusion(model.vit(model.vit.normalize(views), model.fusion.vit_depth), len(images))
-    expected = F.rms_norm(model.input_map(fused), (fused.shape[-1],), eps=1e-6)
+    mapped = F.linear(fused, model.input_map.weight, model.input_map.bias)
+    if positions:
+        assert model.input_map.positions.shape == (model.config.n_image_tokens, model.config.llm.width)
+        mapped = mapped + model.input_map.positions
+    expected = F.rms_norm(mapped, (fused.shape[-1],), eps=1e-6)
     torch.testing.assert_close(tokens, expected)
     assert not torch.allclose(tokens, fused)
     assert injected.keys() == fused_injected.keys()
