@@ -22,6 +22,7 @@ import torch
 
 from conversation import IMAGE_PLACES, TEMPLATES
 from model import SparseCutConfig
+from shapes import type_weights
 from weights import CheckpointError
 
 RUN_CONFIG = "train_config.json"
@@ -79,6 +80,8 @@ class TrainConfig:
     question_mix: str = "random"      # random: the caption request and the questions in one conversation,
                                       # in random order; split: each conversation the caption alone (a
                                       # caption_share of them) or the questions alone (README: random did better, one run each)
+    question_weights: str = ""        # how often each question type is asked in training, TYPE=WEIGHT,...
+                                      # (the others 1; "": all alike); the test split asks each type alike
     caption_share: float = 0.5        # split: the share of conversations that are the caption alone
                                       # (0: questions alone, as the second of two stages; README)
     image_place: str = "start"        # <image> moved to the start of its user turn (LLaVA) or its end,
@@ -108,6 +111,7 @@ class TrainConfig:
             raise ValueError(f"--questions_per_image must be >= 0, not {self.questions_per_image}")
         if self.question_mix not in ("random", "split"):
             raise ValueError(f"--question_mix takes random or split, not {self.question_mix!r}")
+        type_weights(self.question_weights)
         if self.image_place not in IMAGE_PLACES:
             raise ValueError(f"--image_place takes {' or '.join(IMAGE_PLACES)}, not {self.image_place!r}")
         for name in ("freeze", "reinit"):

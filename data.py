@@ -15,7 +15,7 @@ import torch
 from conversation import IMAGE, SPECIAL_TEXT, TEMPLATES, ConversationError, render, tokenize
 from formats import DataError, Sample, caption_turns, load_image, read_samples, tolerated_bad
 from shapes import (CAPTION_REQUEST, QUESTION_TYPES, parse_caption, question_about, question_vocabulary,
-                    SPLIT_SEEDS, shapes_split, shapes_vocabulary)
+                    SPLIT_SEEDS, shapes_split, shapes_vocabulary, type_weights)
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]           # ids 0, 1, 2, 3
 TEMPLATE_TOKENS = list(SPECIAL_TEXT)                             # ids 4.. (conversation.py)
@@ -91,14 +91,16 @@ def template_words():
     return [w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.replace("{}", " ").lower())]
 
 
-def shapes_turns(caption, rng, template, n_questions=3, mix="random", caption_share=0.5):
+def shapes_turns(caption, rng, template, n_questions=3, mix="random", caption_share=0.5, weights=None):
     """A Shapes training conversation, the image in the first user turn: `random`, the caption
-    request and n_questions questions of random types in random order; `split`, either the caption
-    request alone (a caption_share of the time) or the questions alone. `plain`: the caption alone."""
+    request and n_questions questions of random types (weights: one per QUESTION_TYPES entry, or
+    all alike) in random order; `split`, either the caption request alone (a caption_share of the
+    time) or the questions alone. `plain`: the caption alone."""
     if template == "plain":
         return caption_turns(caption)
     objects, _ = parse_caption(caption)
-    questions = [question_about(objects, rng.choice(QUESTION_TYPES), rng) for _ in range(n_questions)]
+    kind = lambda: rng.choice(QUESTION_TYPES) if weights is None else rng.choices(QUESTION_TYPES, weights)[0]
+    questions = [question_about(objects, kind(), rng) for _ in range(n_questions)]
     if mix == "random" or not questions:
         exchanges = [(CAPTION_REQUEST, caption)] + questions
         rng.shuffle(exchanges)
@@ -125,8 +127,9 @@ class ShapesData:
     def samples(self, captions, seed):
         rng = random.Random(seed)
         c = self.config
+        weights = type_weights(c.question_weights)
         return [Sample(shapes_turns(caption, rng, c.model.template, c.questions_per_image, c.question_mix,
-                                    c.caption_share), caption) for caption in captions]
+                                    c.caption_share, weights), caption) for caption in captions]
 
     def batch(self, step, part=0, parts=1):
         """Part `part` of `parts` equal parts (batch_size rows each) of the global batch of step.

@@ -180,6 +180,27 @@ COUNT_WORDS = ("zero", "one", "two", "three")
 CAPTION_REQUEST = "describe the image."
 
 
+def type_weights(spec):
+    """"exists=2.5,where=2.5" -> a weight per QUESTION_TYPES entry (unnamed types 1); "" -> None
+    (every type equally likely, drawn as before)."""
+    if not spec:
+        return None
+    weights = dict.fromkeys(QUESTION_TYPES, 1.0)
+    for item in spec.split(","):
+        kind, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if kind.strip() not in weights or not weight >= 0:
+            raise ValueError(f"--question_weights takes TYPE=WEIGHT,... with a type of {', '.join(QUESTION_TYPES)} "
+                             f"and a weight >= 0, not {item!r}")
+        weights[kind.strip()] = weight
+    if sum(weights.values()) <= 0:
+        raise ValueError(f"--question_weights {spec!r} gives every question type weight 0")
+    return tuple(weights.values())
+
+
 def question_about(objects, kind, rng):
     """(question, answer) of one type about a scene, from its objects. An object is named by its
     position, or by colour and shape where that pair is unique in the scene."""

@@ -86,6 +86,11 @@ TRAIN_OPTIONS = [  # (argv, what the message must contain)
     (["--fsdp", "maybe", "--max_iters", 2], "unexpected argument 'maybe'"),
     (["--caption_share", 1.5], "--caption_share must be in [0, 1], not 1.5"),
     (["--init_config", "tiny-stage9"], "--init_config names the config that makes --init_from: one of tiny,"),
+    (["--question_weights", "exists=2,why=1"], "--question_weights takes TYPE=WEIGHT,... with a type of color, shape,"),
+    (["--question_weights", "exists=-1"], "a weight >= 0, not 'exists=-1'"),
+    (["--question_weights", "where=often"], "not 'where=often'"),
+    (["--question_weights", "color=0,shape=0,texture=0,size=0,count=0,exists=0,where=0"], "gives every question type weight 0"),
+    (["--image_positions", "true"], "image_positions are added by the input map: give --input_map true with them"),
 ]
 
 

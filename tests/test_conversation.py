@@ -323,3 +323,29 @@ def test_a_chat_run_reports_vqa_per_type_and_answers_a_prompt(tmp_path, capsys):
     assert json.loads((out / "eval_test.json").read_text()) == metrics        # eval reads the run's template
     expect_error(sample.main, ["--image", tmp_path / "a.png", "--checkpoint", out, "--prompt", "what " * 300],
                  "a prompt of 318 tokens (the image counts 4) does not fit the context of 256", capsys)
+
+
+def test_question_weights_set_how_often_each_type_is_asked():
+    """--question_weights: the training questions' types drawn with those weights (unnamed types
+    1); weight 0 never asked; without weights every type alike, drawn as before the option."""
+    from data import shapes_turns
+    from shapes import type_weights
+    _, captions = shapes_split("val", 300)
+    kind_of = lambda q: ("exists" if q.startswith("is there") else "where" if q.startswith("where") else
+                         "count" if q.startswith("how many") else q.split()[1].replace("colour", "color"))
+    def asked(weights):
+        rng = random.Random(0)
+        return [kind_of(t["value"].replace("<image>\n", "")) for c in captions
+                for t in shapes_turns(c, rng, "chatml", 4, "split", 0.0, weights)[0::2]]
+    counts = Counter(asked(type_weights("count=0,exists=4,where=4,color=0")))
+    assert set(counts) == {"shape", "texture", "size", "exists", "where"}
+    assert 3 < counts["exists"] / counts["shape"] < 5.5 and 3 < counts["where"] / counts["size"] < 5.5
+    assert type_weights("") is None and type_weights("where=2") == (1.0,) * 6 + (2.0,)
+    plain = asked(None)
+    assert set(plain) == set(QUESTION_TYPES) and max(Counter(plain).values()) < 1.3 * min(Counter(plain).values())
+    rng, expected = random.Random(0), []
+    for caption in captions:                          # no weights: the draw before --question_weights
+        objects, _ = parse_caption(caption)
+        expected += [kind_of(question_about(objects, rng.choice(QUESTION_TYPES), rng)[0]) for _ in range(4)]
+        rng.random()                                  # split's caption-or-questions draw
+    assert expected == plain
