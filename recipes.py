@@ -44,15 +44,17 @@ def tiny_stage1():
 
 
 def tiny_stage2():
-    """Second stage: a new chatml LLM and a new input map (model.input_map) learn questions alone,
-    one per conversation with the image after it, on stage 1's frozen encoder and fusion, for
-    3,000 steps (the lookup by content forms late, and later on some seeds: README, "Three
-    stages"). With captions in this mix the LLM learns the captions and not the questions that
-    look an object up by what it is."""
+    """Second stage: a new chatml LLM and a new input map (model.input_map, with a learned vector
+    per visual token: image_positions) learn questions alone, one per conversation with the image
+    after it, on stage 1's frozen encoder and fusion, for 3,000 steps; the questions that look an
+    object up by its colour and shape (exists, where) asked 2.5 times as often as the others, how
+    many objects half as often (the lookup by content forms last: README, "Three stages"). With
+    captions in this mix the LLM learns the captions and not that lookup."""
     config = tiny_chat()
     config.init_config, config.reinit, config.freeze = "tiny-stage1", "llm", "vit,fusion"
-    config.model.input_map, config.image_place, config.questions_per_image = True, "end", 1
-    config.question_mix, config.caption_share = "split", 0.0
+    config.model.input_map, config.model.image_positions = True, True
+    config.image_place, config.questions_per_image, config.question_mix = "end", 1, "split"
+    config.caption_share, config.question_weights = 0.0, "count=0.5,exists=2.5,where=2.5"
     config.max_iters, config.out_dir = 3000, "out/tiny-stage2"
     return config
 
