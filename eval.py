@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import torch
 
 from config import check_device, check_writable, load_run_config, parse_options, run_cli
-from data import load_tokenizer, make_data
-from metrics import evaluate_run, print_table
+from sources.data import load_tokenizer, make_data
+from training.metrics import evaluate_run, print_table
 from model import SparseCut
-from weights import checkpoint_dir
+from ckpt.weights import checkpoint_dir
 
 
 @dataclass

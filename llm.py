@@ -26,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import hf
-from weights import load_weights, read_config
+from ckpt import hf
+from ckpt.weights import load_weights, read_config
 
 
 @dataclass

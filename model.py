@@ -20,11 +20,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hf
+from ckpt import hf
 from fusion import FUSIONS, image_views
 from llm import LLM, KVCache, LLMConfig, image_rows, put_rows, take_rows
 from vit import ViT, ViTConfig
-from weights import CheckpointError, atomic_directory, fill_weights, load_weights, read_config, version_1_names
+from ckpt.weights import CheckpointError, atomic_directory, fill_weights, load_weights, read_config, version_1_names
 
 CHOICES = {                        # and fusion: a key of fusion.FUSIONS
     "attention": ("causal", "composite"),
@@ -269,12 +269,13 @@ class SparseCut(nn.Module):
         return [list(p) for p in prompt_ids]
 
     @torch.no_grad()
-    def generate(self, images, prompt_ids=None, max_new_tokens=32, temperature=0.0, top_k=None,
-                 top_p=None, prompt_mask=None, generator=None, attention=None, eos_id=None):
-        """Continue each prompt (which may mark the image's place, model docstring) with a KV
-        cache. Returns one list of new token ids per image, up to (not including) eos_id (the
-        config's EOS, or a template's end of turn). Prompts of different lengths are left-padded,
-        with positions that skip the padding, so each row decodes as it would alone."""
+    def generate(self, images, prompt_ids=None, max_new_tokens=32, temperature=0.0, top_k=None, top_p=None,
+                 prompt_mask=None, generator=None, attention=None, eos_id=None, repetition_penalty=1.0):
+        """Continue each prompt (it may mark the image's place, model docstring) with a KV cache: one
+        list of new token ids per image, up to (not including) eos_id (the config's EOS, or a
+        template's end of turn). Prompts of different lengths are left-padded, with positions that
+        skip the padding, so each row decodes as it would alone. repetition_penalty > 1 (transformers'
+        name) divides the logits of the tokens generated so far, multiplies them where negative."""
         c = self.config
         eos_id = c.eos_id if eos_id is None else eos_id
         prompts = self.prompt_lists(prompt_ids, prompt_mask, images.shape[0])
@@ -297,9 +298,11 @@ class SparseCut(nn.Module):
         logits = self.llm.lm_head(hidden[:, -1])                           # (B, vocab): last row only
         next_position = positions[:, -1:] + 1                              # (B, 1)
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        out = []
+        out, seen = [], torch.zeros_like(logits, dtype=torch.bool)         # (B, vocab): generated so far
         for step in range(max_new_tokens):
+            logits = torch.where(seen, logits * torch.where(logits > 0, 1 / repetition_penalty, repetition_penalty), logits)
             token = sample_next(logits, temperature, top_k, top_p, generator)
+            seen[torch.arange(B, device=device), token] = True
             token = token.masked_fill(done, c.pad_id)
             done |= token == eos_id
             out.append(token)

@@ -1,14 +1,16 @@
 """Caption one or more images, or answer a question about them, with a trained checkpoint.
 
     python sample.py --image cat.jpg [more.png ...] [--checkpoint DIR] [--prompt TEXT]
-                     [--temperature T] [--top_k K] [--top_p P] [--attention composite]
-                     [--show out.png]
+                     [--temperature T] [--top_k K] [--top_p P] [--repetition_penalty R]
+                     [--attention composite] [--show out.png]
 
 Any image PIL reads, of any size and mode; greedy decoding by default. With a chat template
 (the run's own: vicuna_v1, chatml) --prompt is the user's question and the reply is printed
 (no prompt: the caption request the run was trained with); with `plain` the caption starts with
 --prompt. The reply length is the run's own (its saved training config), unless
---max_new_tokens says otherwise. `--show` draws the
+--max_new_tokens says otherwise; --repetition_penalty 1.3 (off by default) keeps a reply from
+repeating a word it has already said, as a model shown an image it does not know tends to. A
+checkpoint trained on Shapes says so on stderr when an image is not a Shapes scene. `--show` draws the
 (first) image with its caption under it and, for a model with shortcuts, which ViT layer feeds
 which LLM layer and how much each adds: the norm of the added features relative to the hidden
 state they are added to, at the image positions, on this image (matplotlib, needed only here).
@@ -19,15 +21,16 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
+from PIL import Image
 
 from config import RUN_CONFIG, TrainConfig, check_device, check_writable, load_run_config, parse_options, run_cli
-from conversation import IMAGE, stop_id
-from data import Sample, decode, encode, load_tokenizer, sample_tokens
-from formats import load_image
-from shapes import CAPTION_REQUEST
+from sources.conversation import IMAGE, stop_id
+from sources.data import Sample, decode, encode, load_tokenizer, sample_tokens
+from sources.formats import load_image
+from sources.shapes import BACKGROUND, CANVAS, CAPTION_REQUEST
 from llm import take_rows
 from model import SparseCut
-from weights import CheckpointError, checkpoint_dir
+from ckpt.weights import CheckpointError, checkpoint_dir
 
 DEFAULT_CHECKPOINT = "out/tiny"
 UNTRAINED_MAX_NEW_TOKENS = 64         # for checkpoints that no training run wrote
@@ -41,6 +44,7 @@ class SampleOptions:
     temperature: float = 0.0
     top_k: int = 0                    # 0: no top-k filtering
     top_p: float = 1.0
+    repetition_penalty: float = 1.0   # > 1 penalises tokens already generated (transformers' name); 1: off
     max_new_tokens: int = 0           # 0: the run's caption length
     attention: str = ""               # composite on a causal checkpoint = training-free EE-MLLM-F
     seed: int = 0
@@ -54,9 +58,9 @@ def main(argv):
     if not options.image:
         raise ValueError("--image is required: the image file(s) to caption")
     if not options.temperature >= 0 or not 0 < options.top_p <= 1 or options.top_k < 0 \
-            or options.max_new_tokens < 0:
+            or options.max_new_tokens < 0 or not options.repetition_penalty > 0:
         raise ValueError("--temperature must be >= 0, --top_k and --max_new_tokens >= 0, "
-                         "--top_p in (0, 1]")
+                         "--top_p in (0, 1], --repetition_penalty > 0")
     check_device(options.device)
     if options.show:
         check_writable(options.show)
@@ -81,10 +85,16 @@ def main(argv):
     else:                                                     # the user's turn; the reply follows
         turns = [{"from": "human", "value": f"{IMAGE}\n{options.prompt.strip() or CAPTION_REQUEST}"}]
         prompt, lead = sample_tokens(tokenizer, Sample(turns, ""), run, for_generation=True)[0], ""
+    if os.path.isfile(os.path.join(path, RUN_CONFIG)) and run.data == "shapes":     # every check passed: a note
+        for image_path, image in zip(options.image, images):
+            if not_a_shapes_scene(image_path, image.cpu()):
+                print(f"note: {image_path} is not a Shapes scene ({CANVAS} x {CANVAS} px, a dark background): "
+                      "this checkpoint knows only the Shapes set and cannot describe it; to caption photos, "
+                      "use real weights (README.md, \"Real weights\")", file=sys.stderr)
     generator = torch.Generator(device=options.device).manual_seed(options.seed)
     outputs = model.generate(images, [prompt] * len(options.image), max_new_tokens=max_new_tokens,
                              temperature=options.temperature, top_k=options.top_k or None,
-                             top_p=options.top_p, generator=generator,
+                             top_p=options.top_p, generator=generator, repetition_penalty=options.repetition_penalty,
                              eos_id=stop_id(tokenizer, model.config.template, model.config.eos_id))
     for image_path, ids in zip(options.image, outputs):
         caption = " ".join(filter(None, [lead, decode(tokenizer, ids)]))
@@ -156,6 +166,17 @@ def draw(image, caption, shares, config, path):
     figure.tight_layout()
     figure.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(figure)
+
+
+def not_a_shapes_scene(path, pixels):
+    """True where an image cannot be a Shapes scene: its file is not CANVAS x CANVAS px, or under
+    half of it is the dark background (three large objects cover less than a third of a scene).
+    pixels: (3, H, W) in [0, 1], as loaded."""
+    with Image.open(path) as image:
+        size = image.size
+    background = torch.tensor(BACKGROUND, dtype=pixels.dtype)[:, None, None] / 255
+    on_background = ((pixels - background).abs() < 8 / 255).all(0)           # (H, W)
+    return size != (CANVAS, CANVAS) or float(on_background.float().mean()) < 0.5
 
 
 def run_config(path, model):

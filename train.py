@@ -17,15 +17,15 @@ import time
 
 import torch
 
-import distributed
-from config import (assign, cosine_schedule, load_run_config, lookup, parse_options, part_names, run_cli,
-                    save_run_config)
-from contrastive import check_encoder, pretrain_encoder
-from data import load_tokenizer, make_data, step_batches, worker_failures
-from metrics import evaluate, evaluate_run, print_table, split_loss
+from training import distributed
+from config import (assign, cosine_schedule, load_run_config, lookup, make_optimizer, parse_options, part_names,
+                    run_cli, save_run_config)
+from training.contrastive import check_encoder, pretrain_encoder
+from sources.data import load_tokenizer, make_data, step_batches, worker_failures
+from training.metrics import evaluate, evaluate_run, print_table, split_loss
 from model import SparseCut
 from recipes import CONFIGS, named_config
-from weights import CheckpointError, checkpoint_dir, fill_weights, read_config, recover
+from ckpt.weights import CheckpointError, checkpoint_dir, fill_weights, read_config, recover
 
 DOWNLOADS = {  # what the default backbone paths hold, by Hugging Face repository
     "clip-vit-large-patch14-336": "openai/clip-vit-large-patch14-336",
@@ -96,19 +96,6 @@ def learning_rate(config, step):
 def apply_freeze(model, freeze):
     for name in part_names(freeze):                       # names checked by TrainConfig.check
         getattr(model, name).requires_grad_(False)
-
-
-def make_optimizer(model, config, device):
-    """AdamW; weight decay on matrices only (not on biases, norms, gates, class/pos vectors)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("--freeze left nothing to train")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    # The fused kernel (CUDA and CPU) makes no full-size temporaries: at 7B width it cut the CPU
-    # optimizer step from 5-8 s to under 1 s (the foreach version page-faults on its temporaries).
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95),
-                             fused=device.type in ("cuda", "cpu"))
 
 
 def autocast_dtype(config, device):

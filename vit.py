@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import hf
-from hf import CLIP_MEAN, CLIP_STD
-from weights import load_weights, read_config
+from ckpt import hf
+from ckpt.hf import CLIP_MEAN, CLIP_STD
+from ckpt.weights import load_weights, read_config
 
 
 

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import bench
+from benchmarks import bench
 import eval as eval_script
 import sample
 import train
@@ -301,7 +301,7 @@ def test_too_many_bad_images_stop_the_run(tmp_path, capsys):
 
 
 def test_a_worker_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys, monkeypatch):
-    import data
+    from sources import data
     folder = caption_folder(tmp_path / "data", 200)
     real = data.load_image
 
@@ -330,7 +330,7 @@ def test_a_worker_that_dies_ends_the_run_with_one_line_and_keeps_the_checkpoint(
 def test_a_worker_that_hangs_ends_the_run_with_one_line(tmp_path, capsys, monkeypatch):
     import time
 
-    import data
+    from sources import data
     folder = caption_folder(tmp_path / "data", 100)
     real = data.load_image
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-import bench
+from benchmarks import bench
 
 ROWS = ["llava", "concat", "deepstack", "llava+shortcuts", "fusion-only", "sparsecut", "llava+composite", "sparsecut+composite",
         "llava+composite-noffn", "sparsecut+composite-noffn"]
@@ -63,7 +63,7 @@ def test_composite_prefill_flops_at_the_paper_shape():
 
 
 def test_loader_bench_delivers_images(tmp_path):
-    import bench_loader
+    from benchmarks import bench_loader
     bench_loader.write_photos(tmp_path / "photos", 12, size=(50, 40))
     assert len(list((tmp_path / "photos").glob("*.jpg"))) == 12
     for workers in (0, 1):

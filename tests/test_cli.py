@@ -33,7 +33,14 @@ atexit.register(shutil.rmtree, WORKDIR, True)
 
 
 def run(script, *args, check=True, env=None):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+    """A root script by its file name (train.py), or a study or benchmark by its module name
+    (studies.ablation), run as a user runs it, from another folder."""
+    if script.endswith(".py"):
+        command = [sys.executable, os.path.join(ROOT, script)]
+    else:                                                          # python -m, the root importable
+        command = [sys.executable, "-m", script]
+        env = {**(env or os.environ), "PYTHONPATH": ROOT}
+    result = subprocess.run([*command, *map(str, args)],
                             capture_output=True, text=True, cwd=WORKDIR, timeout=300, env=env)
     if check:
         assert result.returncode == 0, result.stderr
@@ -85,6 +92,25 @@ def test_sample_and_eval(trained, tmp_path):
     result = run("eval.py", "--checkpoint", trained, "--split", "val", "--n", 8)
     assert "object_f1" in result.stdout
     assert "object_f1" in json.loads((trained / "eval_val.json").read_text())
+
+
+def test_sample_says_when_an_image_is_not_a_shapes_scene(trained, tmp_path):
+    from sources.shapes import shapes_split
+    images, _ = shapes_split("test", 1)
+    Image.fromarray(images[0]).save(tmp_path / "scene.png")
+    Image.new("RGB", (96, 96), (120, 160, 90)).save(tmp_path / "green.png")       # the size, not the look
+    Image.new("RGB", (500, 375), (20, 20, 20)).save(tmp_path / "photo.jpg")       # the look, not the size
+    scene = run("sample.py", "--image", tmp_path / "scene.png", "--checkpoint", trained)
+    assert scene.stdout.strip() and not scene.stderr.strip()
+    others = run("sample.py", "--image", tmp_path / "green.png", tmp_path / "scene.png", tmp_path / "photo.jpg",
+                 "--checkpoint", trained)
+    notes = [line for line in others.stderr.splitlines() if "is not a Shapes scene" in line]
+    assert len(notes) == 2 and "green.png" in notes[0] and "photo.jpg" in notes[1]
+    assert all("knows only the Shapes set" in note and "Real weights" in note for note in notes)
+    assert len(others.stdout.strip().splitlines()) == 3                          # each still captioned
+    penalised = run("sample.py", "--image", tmp_path / "scene.png", "--checkpoint", trained,
+                    "--repetition_penalty", 1.5)
+    assert penalised.stdout.strip()
 
 
 def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path):

@@ -12,10 +12,10 @@ import sample
 import train
 from config import run_cli
 from conftest import tiny_model
-from conversation import ConversationError, render, stop_id, tokenize
-from data import Sample, build_tokenizer, read_samples, sample_tokens, template_words
-from metrics import shapes_questions
-from shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, named_by, parse_caption, question_about,
+from sources.conversation import ConversationError, render, stop_id, tokenize
+from sources.data import Sample, build_tokenizer, read_samples, sample_tokens, template_words
+from training.metrics import shapes_questions
+from sources.shapes import (COLORS, COUNT_WORDS, POSITIONS, QUESTION_TYPES, SHAPES, named_by, parse_caption, question_about,
                     shapes_split)
 from test_bad_input import TINY_RUN, expect_error, image, run_dir  # noqa: F401 (a fixture)
 
@@ -61,7 +61,7 @@ def llava_v1_labels(tokenizer, system, turns, n_image):
 
 
 def test_vicuna_v1_two_turns_label_mask_matches_llava(tokenizer):
-    from conversation import VICUNA_SYSTEM
+    from sources.conversation import VICUNA_SYSTEM
     pieces = render(TWO_TURNS, "vicuna_v1")
     assert "".join(p for p, _ in pieces) == (
         f"{VICUNA_SYSTEM} USER: <image>\nwhat colour is the star? ASSISTANT: red</s>"
@@ -212,7 +212,7 @@ def test_shapes_questions_are_answered_by_the_scene():
 def test_vqa_is_reported_by_how_the_question_names_its_object(monkeypatch):
     """vqa_by_position_acc / vqa_by_content_acc: a reader that answers only the questions naming
     the object by position (and counts) scores 1 and 0 on them; the types mix the two."""
-    import metrics
+    from training import metrics
     _, captions = shapes_split("val", 60)
     samples = [Sample([], c) for c in captions]
     questions = shapes_questions(samples)
@@ -235,8 +235,8 @@ def test_shapes_conversations_mix_caption_and_questions():
     """random: the caption request and every question in one conversation, the image in the first
     user turn; split: the caption alone or the questions alone, about half each; 0 questions: the
     caption alone."""
-    from data import shapes_turns
-    from shapes import CAPTION_REQUEST
+    from sources.data import shapes_turns
+    from sources.shapes import CAPTION_REQUEST
     _, captions = shapes_split("val", 200)
     rng = random.Random(0)
     caption_alone = 0
@@ -328,8 +328,8 @@ def test_a_chat_run_reports_vqa_per_type_and_answers_a_prompt(tmp_path, capsys):
 def test_question_weights_set_how_often_each_type_is_asked():
     """--question_weights: the training questions' types drawn with those weights (unnamed types
     1); weight 0 never asked; without weights every type alike, drawn as before the option."""
-    from data import shapes_turns
-    from shapes import type_weights
+    from sources.data import shapes_turns
+    from sources.shapes import type_weights
     _, captions = shapes_split("val", 300)
     kind_of = lambda q: ("exists" if q.startswith("is there") else "where" if q.startswith("where") else
                          "count" if q.startswith("how many") else q.split()[1].replace("colour", "color"))

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import build_tokenizer, decode, encode, to_tensor
-from formats import DataError, load_image, read_caption_pairs
-from shapes import (CANVAS, COLORS, ShapeObject, ShapesRenderer, caption_of, parse_caption, shapes_split,
+from sources.data import build_tokenizer, decode, encode, to_tensor
+from sources.formats import DataError, load_image, read_caption_pairs
+from sources.shapes import (CANVAS, COLORS, ShapeObject, ShapesRenderer, caption_of, parse_caption, shapes_split,
                     shapes_vocabulary)
-from metrics import bleu4, cider, shapes_metrics
+from training.metrics import bleu4, cider, shapes_metrics
 from fusion import resize
 
 
@@ -163,7 +163,7 @@ def test_bleu_and_cider():
 
 def test_llava_json_is_read_record_by_record(tmp_path):
     """The streamed reader gives what json.load gives, with records cut across chunks."""
-    from formats import json_array
+    from sources.formats import json_array
     records = [{"image": f"{i}.png", "conversations": [{"from": "human", "value": "<image>\nDescribe. [x]"},
                                                        {"from": "gpt", "value": f"caption {i}, with \"quotes\""}]}
                for i in range(30)] + [{"id": "text-only", "conversations": []}]

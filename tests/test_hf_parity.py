@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers", reason="transformers (test-on
 from llm import LLM, KVCache  # noqa: E402
 from model import sample_next  # noqa: E402
 from vit import ViT  # noqa: E402
-from weights import CheckpointError  # noqa: E402
+from ckpt.weights import CheckpointError  # noqa: E402
 
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=32, patch_size=8)

@@ -7,8 +7,8 @@ import os
 import pytest
 import torch
 
-from conversation import render, tokenize
-from data import build_tokenizer, template_words
+from sources.conversation import render, tokenize
+from sources.data import build_tokenizer, template_words
 from model import SparseCut
 
 transformers = pytest.importorskip("transformers", reason="transformers is the oracle for LLaVA checkpoints "
@@ -116,7 +116,7 @@ def test_init_from_llava_starts_a_sparsecut_model(llava_dir):
 
 
 def test_unsupported_llava_settings_are_refused(llava_dir, tmp_path):
-    from weights import CheckpointError
+    from ckpt.weights import CheckpointError
     path, _ = llava_dir
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)

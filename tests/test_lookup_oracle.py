@@ -1,4 +1,4 @@
-"""docs/lookup_oracle.py, the README's lookup diagnosis: its inputs are what it says they are."""
+"""studies/lookup_oracle.py, the README's lookup diagnosis: its inputs are what it says they are."""
 
 import os
 import random
@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs"))
-import lookup_oracle as oracle  # noqa: E402
-from shapes import POSITIONS, ShapeObject  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from studies import lookup_oracle as oracle  # noqa: E402
+from sources.shapes import POSITIONS, ShapeObject  # noqa: E402
 
 
 def test_each_object_fills_the_two_by_two_tokens_of_its_cell_and_nothing_else():

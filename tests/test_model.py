@@ -6,7 +6,7 @@ import torch
 from conftest import ATTENTIONS, FUSIONS, tiny_config, tiny_model
 from fusion import image_views, patch_tokens, split_views
 from model import SparseCut
-from weights import CheckpointError
+from ckpt.weights import CheckpointError
 
 VARIANTS = [dict(fusion=f, attention=a) for f in FUSIONS for a in ATTENTIONS] + [
     dict(fusion="sparsecut", fuser="cross_attn"),
@@ -199,3 +199,23 @@ def test_activation_checkpointing_gives_the_same_gradients(images):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], msg=name)
+
+
+def test_repetition_penalty_is_off_by_default_and_penalises_what_was_generated(images):
+    model = tiny_model(std=0.3)
+    plain = model.generate(images, max_new_tokens=12, eos_id=-1)
+    assert model.generate(images, max_new_tokens=12, eos_id=-1, repetition_penalty=1.0) == plain
+    assert any(len(set(row)) < len(row) for row in plain)             # greedy repeats itself here
+    penalty = 4.0
+    penalised = model.generate(images, max_new_tokens=12, eos_id=-1, repetition_penalty=penalty)
+    assert penalised != plain
+    bos = model.config.bos_id
+    with torch.no_grad():                                             # each step again, without the cache
+        for b, row in enumerate(penalised):
+            logits, _ = model(images[b:b + 1], torch.tensor([[bos] + row]))
+            for t, token in enumerate(row):
+                step = logits[0, t].clone()                           # predicts row[t] from [bos] + row[:t]
+                seen = torch.tensor(sorted(set(row[:t])), dtype=torch.long)
+                if len(seen):
+                    step[seen] = torch.where(step[seen] > 0, step[seen] / penalty, step[seen] * penalty)
+                assert int(step.argmax()) == token

@@ -14,10 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train                                                      # noqa: E402
 from config import ContrastiveConfig, parse_options                # noqa: E402
 from recipes import named_config                                    # noqa: E402
-from contrastive import ContrastivePair, save_clip_vision           # noqa: E402
-from data import make_data                                          # noqa: E402
+from training.contrastive import ContrastivePair, save_clip_vision           # noqa: E402
+from sources.data import make_data                                          # noqa: E402
 from model import SparseCut, init_weights                          # noqa: E402
-from probe import layer_probe                                       # noqa: E402
+from studies.probe import layer_probe                                       # noqa: E402
 from vit import ViT, ViTConfig                                      # noqa: E402
 from test_cli import ROOT, SMALL, bad, run                               # noqa: E402
 
@@ -118,8 +118,8 @@ def test_layer_probe_reads_colour_off_the_embeddings():
 def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
     args = ["--setting", "scratch", "--only", "llava", "llava (EE-MLLM-F)", "--recipe_seeds", 2, "--jobs", 2,
             "--max_iters", 2, "--probe", "false", "--out_dir", tmp_path / "out", "--doc", tmp_path / "doc" / "a.md"]
-    run("ablation.py", *args)
-    run("ablation.py", *args)                                       # read back, not retrained
+    run("studies.ablation", *args)
+    run("studies.ablation", *args)                                       # read back, not retrained
     log = (tmp_path / "out" / "scratch" / "llava" / "seed1" / "train.log").read_text()
     assert log.count("$ ") == 1
     rows = check_tables((tmp_path / "doc" / "a.md").read_text(), expect={"llava", "llava (EE-MLLM-F)"})
@@ -128,9 +128,9 @@ def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
     assert (tmp_path / "doc" / "a_quality_vs_flops.png").stat().st_size > 1000           # named after the doc
     other_steps = list(args)
     other_steps[args.index("--max_iters") + 1] = 3                  # runs of 2 steps are not runs of 3
-    bad("ablation.py", *other_steps, "--report", "true", match="holds a run of 2 steps, not 3")
+    bad("studies.ablation", *other_steps, "--report", "true", match="holds a run of 2 steps, not 3")
     report = [a if a != "llava (EE-MLLM-F)" else "concat" for a in args] + ["--report", "true"]
-    run("ablation.py", *report)                                     # trains nothing, lists the rest
+    run("studies.ablation", *report)                                     # trains nothing, lists the rest
     text = (tmp_path / "doc" / "a.md").read_text()
     assert "concat (scratch): 1 of 1 seed(s) not run yet" in text
     assert not (tmp_path / "out" / "scratch" / "concat").exists()
@@ -138,7 +138,7 @@ def test_ablation_runs_resumes_and_writes_its_table(tmp_path):
 
 
 def test_a_variant_that_builds_the_same_model_is_not_trained_twice():
-    from ablation import same_model
+    from studies.ablation import same_model
     assert same_model("scratch", "sparsecut-dense", "sparsecut")      # 4 LLM layers: dense = uniform
     assert same_model("frozen", "sparsecut-dense", "sparsecut")
     assert not same_model("scratch", "sparsecut-skew_top", "sparsecut")
@@ -213,3 +213,4 @@ def test_show_draws_the_caption_and_the_shortcuts(tmp_path):
     shares = shortcut_shares(model, torch.rand(1, 3, 32, 32), torch.tensor([[1, 5, 6]]))
     assert [(v, l) for v, l, _ in shares] == model.fusion.plan
     assert all(share > 0 for _, _, share in shares)
+

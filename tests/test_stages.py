@@ -14,7 +14,7 @@ import recipes
 import train
 from config import load_run_config, run_cli
 from conftest import tiny_config
-from data import load_tokenizer
+from sources.data import load_tokenizer
 from fusion import image_views
 from model import SparseCut
 from test_bad_input import TINY_RUN, expect_error

@@ -1,6 +1,6 @@
 """What each fusion and attention mode costs, measured on this machine.
 
-    python bench.py [--device cpu|cuda] [--shape tiny|paper|mini] [--json out.json]
+    python -m benchmarks.bench [--device cpu|cuda] [--shape tiny|paper|mini] [--json out.json]
 
 One markdown table, one row per mode, every time also as a ratio to `llava` measured in the
 same run. FLOPs per sample come from `torch.utils.flop_counter.FlopCounterMode` and are checked
@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from config import check_device, check_writable, parse_options, run_cli
 from llm import KVCache, LLMConfig
-from metrics import closed_form_flops
+from training.metrics import closed_form_flops
 from model import SparseCut, SparseCutConfig
 from vit import ViTConfig
 

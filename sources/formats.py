@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from conversation import IMAGE, ConversationError, check_turns
-from shapes import CAPTION_REQUEST
+from sources.conversation import IMAGE, ConversationError, check_turns
+from sources.shapes import CAPTION_REQUEST
 
 class DataError(ValueError):
     """Bad input data; the message says what is wrong and what to do."""

@@ -1,7 +1,7 @@
 """Does the data pipeline keep the training step fed? Images/s delivered from a folder of JPEGs
 with 0, 1, 2, ... workers, against the images/s of a training step, for the tiny and smol shapes.
 
-    python bench_loader.py [--folder DIR] [--n_images 2000] [--workers 0,1,2] [--steps 20]
+    python -m benchmarks.bench_loader [--folder DIR] [--n_images 2000] [--workers 0,1,2] [--steps 20]
 
 Without an existing --folder, it first writes n_images photo-sized (500x375) JPEGs with a
 captions.csv there. The loader does what training does for each step: read, decode, resize to
@@ -20,7 +20,7 @@ from PIL import Image
 
 from config import parse_options, run_cli
 from recipes import named_config
-from data import make_data, step_batches
+from sources.data import make_data, step_batches
 from llm import LLMConfig
 from model import SparseCut, SparseCutConfig
 from vit import ViTConfig

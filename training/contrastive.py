@@ -24,12 +24,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from config import cosine_schedule
-from data import batch_captions, encode
+from sources.data import batch_captions, encode
 from fusion import resize
 from llm import LLM, LLMConfig
 from model import init_weights
 from vit import ViT
-from weights import atomic_directory
+from ckpt.weights import atomic_directory
 
 PRETRAIN_SEED = 900_001               # the encoder's images are not the runs' training images
 

@@ -18,10 +18,10 @@ from collections import Counter
 
 import torch
 
-from conversation import stop_id
-from data import Sample, caption_turns, conversation_tokens, decode, sample_tokens
+from sources.conversation import stop_id
+from sources.data import Sample, caption_turns, conversation_tokens, decode, sample_tokens
 from fusion import FUSIONS
-from shapes import QUESTION_TYPES, named_by, parse_caption, question_about
+from sources.shapes import QUESTION_TYPES, named_by, parse_caption, question_about
 
 ATTRIBUTES = ("shape", "color", "size", "texture", "position")
 

@@ -1,7 +1,7 @@
 """The ablation study: every variant x seeds x setting, trained and evaluated, then one table and
 the plots (DESIGN.md 6b).
 
-    python ablation.py [--seeds 2] [--recipe_seeds 5] [--setting scratch|frozen|both] [--only NAME ...] [--jobs N] [--device cpu]
+    python -m studies.ablation [--seeds 2] [--recipe_seeds 5] [--setting scratch|frozen|both] [--only NAME ...] [--jobs N] [--device cpu]
 
 Settings: `scratch` is the tiny recipe (`--config tiny`, everything trained end to end); `frozen`
 is the paper's setting at tiny scale (`--config tiny-frozen`: one CLIP-style encoder pretrained
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field
 
 from config import check_device, parse_options, run_cli
 from recipes import named_config
-from data import make_data
+from sources.data import make_data
 from fusion import FUSIONS
-from metrics import closed_form_flops
+from training.metrics import closed_form_flops
 from model import SparseCut
 
 VARIANTS = {  # name: train.py options (beyond --config); the fusion mode and shortcut plan they test
@@ -64,7 +64,7 @@ NOT_IN = {"frozen": {"llava-hires": "the frozen encoder was pretrained at 48 px;
 SETTINGS = {"scratch": "tiny", "frozen": "tiny-frozen"}
 METRICS = ("object_f1", "exact_match", "shape_acc", "color_acc", "size_acc", "texture_acc",
            "position_acc", "count_acc", "val_loss")
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # train.py, eval.py
 CAPTION_TOKENS = 16                   # text tokens per sample for the FLOPs column (a typical caption)
 
 
@@ -142,7 +142,7 @@ def encoder_dir(options):
 def start(options, run, threads):
     """Start run's train.py (resumed if it has a checkpoint) with `threads` CPU threads."""
     os.makedirs(run.dir, exist_ok=True)
-    command = [sys.executable, os.path.join(HERE, "train.py"), "--config", SETTINGS[run.setting],
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", SETTINGS[run.setting],
                "--out_dir", run.dir, "--seed", str(run.seed), "--device", options.device, *VARIANTS[run.variant]]
     if run.setting == "frozen":
         command += ["--model.vit_path", encoder_dir(options)]
@@ -210,7 +210,7 @@ def training_free_run(options, setting, causal_variant, seed):
     run_dir = os.path.join(options.out_dir, setting, causal_variant, f"seed{seed}")
     out = os.path.join(run_dir, "eval_test_composite.json")
     if not os.path.isfile(out):
-        run([sys.executable, os.path.join(HERE, "eval.py"), "--checkpoint", run_dir, "--attention", "composite",
+        run([sys.executable, os.path.join(ROOT, "eval.py"), "--checkpoint", run_dir, "--attention", "composite",
              "--device", options.device], os.path.join(run_dir, "eval_composite.log"))
     with open(out) as f:
         return {"metrics": json.load(f), "wall_s": 0.0}
@@ -305,7 +305,7 @@ def plots(results, probe, doc_dir, stem):
 
 def probe_tables(options, settings):
     """The layer probe of the frozen encoder and of a scratch-trained sparsecut's ViT."""
-    from probe import layer_probe
+    from studies.probe import layer_probe
     from vit import ViT
     encoders = {}
     if "frozen" in settings and os.path.isdir(os.path.join(options.out_dir, "frozen", "encoder")):
@@ -385,8 +385,8 @@ def write_doc(options, argv, results, probe, images, skipped, seconds):
     parts = [
         "# Ablation study",
         "",
-        f"Written by `{' '.join(['python ablation.py', *map(str, argv)])}` on {os.cpu_count()} CPU cores ({cpu}, "
-        f"{platform.system()}), device `{options.device}`; this invocation took {seconds / 60:.0f} min "
+        f"Written by `{' '.join(['python -m studies.ablation', *map(str, argv)])}` on {os.cpu_count()} CPU cores ({cpu}, "
+        f"{platform.system()}), device `{options.device}`, finished {time.strftime('%Y-%m-%d')}; this invocation took {seconds / 60:.0f} min "
         "(runs already done are read back, not repeated). Every figure is the test split "
         "(500 images) of the run's own recipe; mean ± std over seeds 1..N where a row has more than "
         "one seed, else one run. `LLM GFLOPs/sample` is the closed-form forward count of the LLM "

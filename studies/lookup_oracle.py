@@ -9,9 +9,9 @@ through a learned linear map and at RMS 1, as visual_norm makes them. What is me
 LLM's lookup alone, with the image before the question (LLaVA's order) or after it (the visual
 tokens can then read the question). About 3 minutes per 1,000 steps on one CPU thread.
 
-    python docs/lookup_oracle.py --order image-first
-    python docs/lookup_oracle.py --order question-first [--prefix "describe the image ."]
-    python docs/lookup_oracle.py --order question-first --encoder out/capvn [--shortcuts false]
+    python -m studies.lookup_oracle --order image-first
+    python -m studies.lookup_oracle --order question-first [--prefix "describe the image ."]
+    python -m studies.lookup_oracle --order question-first --encoder out/capvn [--shortcuts false]
 
 With --encoder RUN the visual tokens are learned ones: the scenes are rendered, and RUN's ViT and
 fusion (frozen; a tiny or tiny-chat run, 36 tokens) make the tokens and its shortcuts' additions
@@ -28,16 +28,14 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from config import cosine_schedule, parse_options, run_cli                  # noqa: E402
+from config import cosine_schedule, make_optimizer, parse_options, run_cli                 # noqa: E402
 from recipes import tiny_chat                                                # noqa: E402
-from data import to_tensor                                                 # noqa: E402
+from sources.data import to_tensor                                                 # noqa: E402
 from llm import LLM                                                       # noqa: E402
 from model import SparseCut, init_weights                                  # noqa: E402
-from shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, draw_scene, named_by,  # noqa: E402
+from sources.shapes import (COLORS, POSITIONS, QUESTION_TYPES, SHAPES, SIZES, TEXTURES, draw_scene, named_by,  # noqa: E402
                     question_about, question_vocabulary, random_objects, shapes_vocabulary)
-from train import make_optimizer                                           # noqa: E402
-from weights import CheckpointError, checkpoint_dir                        # noqa: E402
+from ckpt.weights import CheckpointError, checkpoint_dir                        # noqa: E402
 
 WORDS = ["<pad>", "<answer>", "<end>", "<image>"] + sorted(set(shapes_vocabulary()) | set(question_vocabulary()))
 WORD_ID = {word: i for i, word in enumerate(WORDS)}

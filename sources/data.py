@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 import torch
 
-from conversation import IMAGE, SPECIAL_TEXT, TEMPLATES, ConversationError, render, tokenize
-from formats import DataError, Sample, caption_turns, load_image, read_samples, tolerated_bad
-from shapes import (CAPTION_REQUEST, QUESTION_TYPES, parse_caption, question_about, question_vocabulary,
+from sources.conversation import IMAGE, SPECIAL_TEXT, TEMPLATES, ConversationError, render, tokenize
+from sources.formats import DataError, Sample, caption_turns, load_image, read_samples, tolerated_bad
+from sources.shapes import (CAPTION_REQUEST, QUESTION_TYPES, parse_caption, question_about, question_vocabulary,
                     SPLIT_SEEDS, shapes_split, shapes_vocabulary, type_weights)
 
 SPECIAL_TOKENS = ["[PAD]", "[BOS]", "[EOS]", "[UNK]"]           # ids 0, 1, 2, 3

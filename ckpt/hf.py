@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import torch
 
-from weights import CheckpointError, fill_weights, load_weights
+from ckpt.weights import CheckpointError, fill_weights, load_weights
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

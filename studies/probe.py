@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from fusion import high_res_grid, image_views, patch_tokens, split_views
-from shapes import CANVAS, COLORS, GRID, POSITIONS, SHAPES, SIZES, TEXTURES, parse_caption, shapes_split
-from data import to_tensor
+from sources.shapes import CANVAS, COLORS, GRID, POSITIONS, SHAPES, SIZES, TEXTURES, parse_caption, shapes_split
+from sources.data import to_tensor
 
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "texture": TEXTURES}
 

@@ -1,0 +1,1 @@
+"""Checkpoint I/O and Hugging Face layouts: safetensors reading, atomic checkpoint writes, HF config and tensor names."""

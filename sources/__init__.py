@@ -1,0 +1,1 @@
+"""Data sources and formats: the Shapes set, caption and conversation files, chat templates, the tokenizer and batching."""

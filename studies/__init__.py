@@ -1,0 +1,1 @@
+"""Studies run as `python -m studies.NAME`: the ablation study, the layer probe, the lookup oracle."""
