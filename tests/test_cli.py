@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -92,6 +93,15 @@ def test_sample_and_eval(trained, tmp_path):
     result = run("eval.py", "--checkpoint", trained, "--split", "val", "--n", 8)
     assert "object_f1" in result.stdout
     assert "object_f1" in json.loads((trained / "eval_val.json").read_text())
+
+
+def test_shapes_writes_test_scenes_with_their_captions(tmp_path):
+    from sources.shapes import shapes_split
+    result = run("sources.shapes", tmp_path / "shape0.png", tmp_path / "shape1.png")
+    images, captions = shapes_split("test", 2)
+    assert result.stdout.splitlines() == [f"{tmp_path / f'shape{i}.png'}: {captions[i]}" for i in range(2)]
+    with Image.open(tmp_path / "shape1.png") as written:
+        assert (np.asarray(written) == images[1]).all()
 
 
 def test_sample_says_when_an_image_is_not_a_shapes_scene(trained, tmp_path):
