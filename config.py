@@ -23,6 +23,7 @@ import torch
 from sources.conversation import IMAGE_PLACES, TEMPLATES
 from model import SparseCutConfig
 from sources.shapes import type_weights
+from training.premise import OBJECTIVES
 from ckpt.weights import CheckpointError
 
 RUN_CONFIG = "train_config.json"
@@ -39,6 +40,8 @@ class ContrastiveConfig:
     embed_dim: int = 64               # the shared image-text embedding
     text_width: int = 64
     text_layers: int = 2
+    weight_decay: float = 0.05
+    objective: str = "clip"           # or a pressure on the layer llava reads to drop colour (training/premise.py)
     seed: int = 0                     # one encoder for every run that shares vit_path
 
 
@@ -130,6 +133,10 @@ class TrainConfig:
         for name, allowed in (("dtype", ("auto", "float32", "bfloat16")), ("compile", ("auto", "on", "off"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"--{name} takes {', '.join(allowed)}, not {getattr(self, name)!r}")
+        if self.clip.objective not in OBJECTIVES:
+            raise ValueError(f"--clip.objective takes {', '.join(OBJECTIVES)}, not {self.clip.objective!r}")
+        if self.clip.objective != "clip" and self.data != "shapes":
+            raise ValueError(f"--clip.objective {self.clip.objective} recolours Shapes scenes: use --data shapes")
         check_device(self.device)
 
     def to_dict(self):

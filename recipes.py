@@ -7,6 +7,7 @@
   `tiny-stage2` (a new LLM learns questions on stage 1's frozen encoder and fusion), then
   `tiny-assistant` (captions back beside the questions).
 - `tiny-frozen`: the paper's setting at tiny scale (a pretrained, frozen encoder).
+- `tiny-premise`: the same with an encoder whose top layer was pretrained to drop colour.
 - `llava15-7b`, `smol`: real backbones on a GPU.
 """
 
@@ -80,6 +81,20 @@ def tiny_frozen():
     return config
 
 
+def tiny_premise():
+    """The paper's premise at tiny scale: tiny-frozen with a 6-layer encoder pretrained so that the
+    layer llava reads (the penultimate) drops colour while the lower layers keep it (captions
+    without colour, each scene also recoloured, colour's class means made equal at that layer:
+    clip.objective mean-matching, training/premise.py; studies/premise.py probes it), then frozen
+    and reused by every run that names it; stage 1 the fusion alone, stage 2 with the LLM."""
+    config = tiny_frozen()
+    config.model.vit.n_layer = 6
+    config.model.visual_norm = True               # its states grow 30-fold in norm from layer 0 to 5
+    config.model.vit_path, config.out_dir = "out/tiny-premise-clip", "out/tiny-premise"
+    config.clip.objective, config.clip.batch_size = "mean-matching", 64
+    return config
+
+
 def llava15_7b():
     """The paper's setting at 7B: CLIP ViT-L/14-336 + Vicuna-7B v1.5, shortcuts scaled from the
     released 13B lists to 24 ViT / 32 LLM layers ((1, 3), (4, 7), ..., (22, 31)). These are the
@@ -107,7 +122,7 @@ def smol():
 
 
 CONFIGS = {"tiny": tiny, "tiny-chat": tiny_chat, "tiny-assistant": tiny_assistant, "tiny-stage1": tiny_stage1,
-           "tiny-stage2": tiny_stage2, "tiny-frozen": tiny_frozen, "llava15-7b": llava15_7b, "smol": smol}
+           "tiny-stage2": tiny_stage2, "tiny-frozen": tiny_frozen, "tiny-premise": tiny_premise, "llava15-7b": llava15_7b, "smol": smol}
 
 
 def named_config(name):

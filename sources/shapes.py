@@ -147,12 +147,16 @@ def shared_renderer():
     return ShapesRenderer()
 
 
-def draw_scene(objects, rng):
-    """The scene as a uint8 (CANVAS, CANVAS, 3) image, each object jittered inside its cell."""
+def scene_jitter(objects, rng):
+    """Each object's (dy, dx) offset inside its cell, as draw_scene draws it."""
     renderer = shared_renderer()
     max_jitter = (renderer.cell - renderer.masks[(SHAPES[0], "large")].shape[0]) // 2
-    jitter = [(rng.randint(-max_jitter, max_jitter), rng.randint(-max_jitter, max_jitter)) for _ in objects]
-    return renderer.render(objects, jitter)
+    return [(rng.randint(-max_jitter, max_jitter), rng.randint(-max_jitter, max_jitter)) for _ in objects]
+
+
+def draw_scene(objects, rng):
+    """The scene as a uint8 (CANVAS, CANVAS, 3) image, each object jittered inside its cell."""
+    return shared_renderer().render(objects, scene_jitter(objects, rng))
 
 
 def shapes_split(split, n, seed=None):
@@ -240,3 +244,11 @@ def question_vocabulary():
     return sorted({"what", "colour", "is", "the", "object", "at", "shape", "texture", "size", "how", "many",
                    "objects", "are", "there", "where", "yes", "no", "plain", "describe", "image", "?", "."}
                   | set(COUNT_WORDS))
+
+
+if __name__ == "__main__":           # python -m sources.shapes a.png b.png: test scenes to caption
+    import sys
+    images, captions = shapes_split("test", len(sys.argv[1:]))
+    for path, image, caption in zip(sys.argv[1:], images, captions):
+        Image.fromarray(image).save(path)
+        print(f"{path}: {caption}")

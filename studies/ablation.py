@@ -38,6 +38,7 @@ from fusion import FUSIONS
 from training.metrics import closed_form_flops
 from model import SparseCut
 
+LOWER_LAYER = 1                       # llava-lower reads this layer: the premise encoder holds colour there (0.998)
 VARIANTS = {  # name: train.py options (beyond --config); the fusion mode and shortcut plan they test
     "llava": ["--fusion", "llava"],
     "llava-hires": ["--fusion", "llava", "--vit.image_size", "96"],
@@ -53,7 +54,16 @@ VARIANTS = {  # name: train.py options (beyond --config); the fusion mode and sh
     "sparsecut-cross_attn": ["--fuser", "cross_attn"],
     "llava+composite": ["--fusion", "llava", "--attention", "composite"],
     "sparsecut+composite": ["--attention", "composite"],
+    # the premise setting's (tiny-premise: the encoder's layer llava reads has dropped colour)
+    "llava-lower": ["--fusion", "llava", "--input_layer", str(LOWER_LAYER)],
+    "llava+shortcuts-skew_bottom": ["--fusion", "llava", "--shortcuts", "skew_bottom"],
+    "llava+shortcuts-skew_top": ["--fusion", "llava", "--shortcuts", "skew_top"],
+    "llava+shortcuts-reverse": ["--fusion", "llava", "--shortcuts", "reverse"],
+    "llava+shortcuts-dense": ["--fusion", "llava", "--shortcuts", "dense"],
 }
+PREMISE_ONLY = ("llava-lower", "llava+shortcuts-skew_bottom", "llava+shortcuts-skew_top", "llava+shortcuts-reverse",
+                "llava+shortcuts-dense")
+DEFAULT_VARIANTS = {"premise": ("llava", "llava-lower", "llava+shortcuts", *PREMISE_ONLY[1:], "sparsecut")}
 TRAINING_FREE = {  # eval-only rows: (the causal variant evaluated, the trained variant with its FLOPs)
     "llava (EE-MLLM-F)": ("llava", "llava+composite"),
     "sparsecut (EE-MLLM-F)": ("sparsecut", "sparsecut+composite")}
@@ -61,7 +71,8 @@ RECIPE = ("llava", "sparsecut")        # the tiny recipe's own check: --recipe_s
 CORE = ("fusion-only", "sparsecut")    # the study's question (shortcuts vs fusion alone): --seeds
 NOT_IN = {"frozen": {"llava-hires": "the frozen encoder was pretrained at 48 px; at 96 px its "
                                     "position embeddings do not apply"}}
-SETTINGS = {"scratch": "tiny", "frozen": "tiny-frozen"}
+SETTINGS = {"scratch": "tiny", "frozen": "tiny-frozen", "premise": "tiny-premise"}
+PRETRAINED = ("frozen", "premise")    # settings whose encoder is pretrained once into OUT/SETTING/encoder
 METRICS = ("object_f1", "exact_match", "shape_acc", "color_acc", "size_acc", "texture_acc",
            "position_acc", "count_acc", "val_loss")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # train.py, eval.py
@@ -71,9 +82,10 @@ CAPTION_TOKENS = 16                   # text tokens per sample for the FLOPs col
 @dataclass
 class AblationOptions:
     recipe_seeds: int = 5             # seeds of llava and sparsecut from scratch (the tiny recipe's check)
+    premise_seeds: int = 5            # seeds of every variant of the premise setting
     seeds: int = 2                    # seeds of fusion-only, and of CORE in the frozen setting
     other_seeds: int = 1              # seeds of the other variants
-    setting: str = "both"             # scratch | frozen | both
+    setting: str = "both"             # scratch | frozen | both (the two) | premise
     only: list = field(default_factory=list)   # variant names (default: all)
     max_iters: int = 600              # steps of every run, chosen to fit the study into about 90
                                       # minutes (0: each config's own recipe, tiny's 750)
@@ -135,8 +147,8 @@ def the_run(options, setting, variant, seed):
                steps=options.max_iters or named_config(SETTINGS[setting]).max_iters)
 
 
-def encoder_dir(options):
-    return os.path.join(options.out_dir, "frozen", "encoder")
+def encoder_dir(options, setting):
+    return os.path.join(options.out_dir, setting, "encoder")
 
 
 def start(options, run, threads):
@@ -144,9 +156,9 @@ def start(options, run, threads):
     os.makedirs(run.dir, exist_ok=True)
     command = [sys.executable, os.path.join(ROOT, "train.py"), "--config", SETTINGS[run.setting],
                "--out_dir", run.dir, "--seed", str(run.seed), "--device", options.device, *VARIANTS[run.variant]]
-    if run.setting == "frozen":
-        command += ["--model.vit_path", encoder_dir(options)]
-        run.makes_encoder = not os.path.isdir(encoder_dir(options))
+    if run.setting in PRETRAINED:
+        command += ["--model.vit_path", encoder_dir(options, run.setting)]
+        run.makes_encoder = not os.path.isdir(encoder_dir(options, run.setting))
     command += ["--max_iters", str(run.steps)]
     resumable = os.path.isdir(os.path.join(run.dir, "checkpoint"))
     command += ["--resume", "true"] if resumable else ["--overwrite", "true"]
@@ -167,7 +179,7 @@ def finish(options, run):
                         f"see {os.path.join(run.dir, 'train.log')}")
     wall = time.time() - run.started
     if run.makes_encoder:
-        with open(os.path.join(encoder_dir(options), "config.json")) as f:
+        with open(os.path.join(encoder_dir(options, run.setting), "config.json")) as f:
             wall -= json.load(f)["sparsecut_pretraining"]["seconds"]
     with open(os.path.join(run.dir, "eval.json")) as f:
         record = {"metrics": json.load(f), "wall_s": wall, "side_by_side": options.jobs}
@@ -189,8 +201,8 @@ def train_all(options, runs):
             for run in list(pending):
                 if len(running) >= options.jobs:
                     break
-                encoder_busy = (run.setting == "frozen" and not os.path.isdir(encoder_dir(options))
-                                and any(r.setting == "frozen" for r in running))
+                encoder_busy = (run.setting in PRETRAINED and not os.path.isdir(encoder_dir(options, run.setting))
+                                and any(r.setting == run.setting for r in running))
                 if not encoder_busy:
                     pending.remove(run)
                     start(options, run, threads)
@@ -285,6 +297,23 @@ def plots(results, probe, doc_dir, stem):
     names.append(f"{stem}_quality_vs_flops.png")
     figure.savefig(os.path.join(doc_dir, names[-1]), dpi=110)
     plt.close(figure)
+    if results.get("premise"):                    # the discarded attribute, per variant, every seed
+        rows = [row for row in results["premise"] if row["trained"]]
+        figure, ax = plt.subplots(figsize=(1.1 * len(rows) + 2, 4.2))
+        for x, row in enumerate(rows):
+            scores = [r["metrics"]["color_acc"] for r in row["records"]]
+            ax.scatter([x] * len(scores), scores, s=18, alpha=0.7)
+            ax.hlines(statistics.mean(scores), x - 0.3, x + 0.3, color="black")
+        ax.axhline(1 / 6, color="grey", linestyle=":", label="chance (1/6)")
+        ax.set_xticks(range(len(rows)), [row["variant"] for row in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("test color_acc (dots: seeds; bar: mean)")
+        ax.set_title("premise: colour, dropped by the layer llava reads")
+        ax.set_ylim(0, 1.02)
+        ax.legend(fontsize=8)
+        figure.tight_layout()
+        names.append(f"{stem}_premise_colour.png")
+        figure.savefig(os.path.join(doc_dir, names[-1]), dpi=110)
+        plt.close(figure)
     if probe:
         figure, axes = plt.subplots(1, len(probe), figsize=(6 * len(probe), 4.2), squeeze=False)
         for ax, (name, accuracies) in zip(axes[0], probe.items()):
@@ -304,16 +333,19 @@ def plots(results, probe, doc_dir, stem):
 
 
 def probe_tables(options, settings):
-    """The layer probe of the frozen encoder and of a scratch-trained sparsecut's ViT."""
+    """The layer probe of the pretrained encoders and of a scratch-trained sparsecut's ViT: of the
+    high-res tokens, and for the premise encoder of the low-res view's (the one resolution there)."""
     from studies.probe import layer_probe
     from vit import ViT
-    encoders = {}
-    if "frozen" in settings and os.path.isdir(os.path.join(options.out_dir, "frozen", "encoder")):
-        encoders["frozen CLIP-style encoder"] = ViT.from_pretrained(os.path.join(options.out_dir, "frozen", "encoder"))
+    encoders = {}                                 # name: (ViT, view)
+    for setting, name, view in (("frozen", "frozen CLIP-style encoder", "high"),
+                                ("premise", "premise encoder (tiny-premise), low-res view", "low")):
+        if setting in settings and os.path.isdir(encoder_dir(options, setting)):
+            encoders[name] = ViT.from_pretrained(encoder_dir(options, setting)), view
     scratch = os.path.join(options.out_dir, "scratch", "sparsecut", "seed1", "checkpoint")
     if "scratch" in settings and os.path.isdir(scratch):
-        encoders["ViT trained end to end (scratch sparsecut, seed 1)"] = SparseCut.from_pretrained(scratch).vit
-    return {name: layer_probe(vit) for name, vit in encoders.items()}
+        encoders["ViT trained end to end (scratch sparsecut, seed 1)"] = SparseCut.from_pretrained(scratch).vit, "high"
+    return {name: layer_probe(vit, view=view) for name, (vit, view) in encoders.items()}
 
 
 def main(argv):
@@ -321,20 +353,21 @@ def main(argv):
     parse_options(options, argv, __doc__)
     settings = ["scratch", "frozen"] if options.setting == "both" else [options.setting]
     if any(s not in SETTINGS for s in settings):
-        raise ValueError(f"--setting takes scratch, frozen or both, not {options.setting!r}")
+        raise ValueError(f"--setting takes scratch, frozen, both or premise, not {options.setting!r}")
     unknown = [name for name in options.only if name not in VARIANTS and name not in TRAINING_FREE]
     if unknown:
         raise ValueError(f"unknown variant(s) {unknown}: choose from {', '.join([*VARIANTS, *TRAINING_FREE])}")
-    if min(options.seeds, options.other_seeds, options.recipe_seeds) < 1:
-        raise ValueError("--seeds, --recipe_seeds and --other_seeds must be at least 1")
+    if min(options.seeds, options.other_seeds, options.recipe_seeds, options.premise_seeds) < 1:
+        raise ValueError("--seeds, --recipe_seeds, --other_seeds and --premise_seeds must be at least 1")
     check_device(options.device)
     if options.jobs < 0:
         raise ValueError(f"--jobs must be >= 0 (0: one run per CPU core), not {options.jobs}")
     options.jobs = options.jobs or (min(4, os.cpu_count() or 1) if options.device == "cpu" else 1)
-    chosen = options.only or [*VARIANTS, *TRAINING_FREE]
     started = time.time()
     plan, skipped = [], []                       # (setting, variant, the causal variant trained, seeds)
     for setting in settings:
+        chosen = options.only or DEFAULT_VARIANTS.get(
+            setting, [*[v for v in VARIANTS if v not in PREMISE_ONLY], *TRAINING_FREE])
         for variant in chosen:
             if variant in NOT_IN.get(setting, {}):
                 skipped.append(f"{variant} ({setting}): {NOT_IN[setting][variant]}")
@@ -343,6 +376,8 @@ def main(argv):
             n_seeds = options.seeds if causal in CORE else options.other_seeds
             if setting == "scratch" and causal in RECIPE:
                 n_seeds = options.recipe_seeds
+            if setting == "premise":
+                n_seeds = options.premise_seeds
             earlier = list(VARIANTS)[:list(VARIANTS).index(variant)] if variant in VARIANTS else []
             twin = next((other for other in earlier if other in chosen and same_model(setting, variant, other)), None)
             if twin:                                   # e.g. dense = uniform when every LLM layer gets one
@@ -396,14 +431,16 @@ def write_doc(options, argv, results, probe, images, skipped, seconds):
         "CPU thread(s) each, on a shared machine.",
         "",
         f"Seeds: from scratch {', '.join(RECIPE)} {options.recipe_seeds} (the tiny recipe's check); "
-        f"{', '.join(CORE)} {options.seeds} in each setting (shortcuts against fusion alone); every other "
-        f"variant {options.other_seeds}. Steps: every run "
+        f"{', '.join(CORE)} {options.seeds} in each setting (shortcuts against fusion alone); every variant "
+        f"of the premise setting {options.premise_seeds}; every other variant {options.other_seeds}. Steps: every run "
         f"{options.max_iters or named_config('tiny').max_iters} steps of {named_config('tiny').batch_size} "
         f"(`--max_iters`; the tiny recipe's own: {named_config('tiny').max_iters}).",
     ]
     titles = {"scratch": "From scratch (`--config tiny`: the ViT trains with everything else)",
               "frozen": "Frozen pretrained encoder (`--config tiny-frozen`: CLIP-style encoder, "
-                        "stage 1 fusion only, stage 2 with the LLM)"}
+                        "stage 1 fusion only, stage 2 with the LLM)",
+              "premise": "The premise (`--config tiny-premise`: a frozen encoder whose layer llava reads "
+                         "has dropped colour, stage 1 fusion only, stage 2 with the LLM)"}
     for setting, rows in results.items():
         parts += ["", f"## {titles[setting]}", "", table(rows)]
     if skipped:

@@ -2,8 +2,9 @@
 
 The SparseCut paper's premise (section 1) is that the mid- and low-level layers of a frozen
 encoder carry detail its top layer has discarded. This measures it: for every layer of the ViT
-(0 = the embeddings), the high-resolution crops' patch tokens at the centre of each object's cell
-(the 2 x 2 tokens there, concatenated) are the features of a multinomial logistic regression
+(0 = the embeddings), the patch tokens at the centre of each object's cell (the 2 x 2 tokens
+there, concatenated) of the high-resolution crops (view="high") or of the low-resolution view
+that LLaVA reads (view="low") are the features of a multinomial logistic regression
 (L-BFGS, L2), fitted on the objects of the val split and scored on those of the test split, once
 per attribute. Chance is 1/4 (shape), 1/6 (colour), 1/2 (size), 1/3 (texture).
 """
@@ -19,22 +20,26 @@ ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "size": tuple(SIZES), "te
 
 
 @torch.no_grad()
-def object_features(vit, split, n_images):
+def object_features(vit, split, n_images, view="high"):
     """{layer: (n_objects, 4 D)} and {attribute: (n_objects,)} class indices."""
     images, captions = shapes_split(split, n_images)
-    views = image_views(to_tensor(images), vit.config.image_size)            # (5B, 3, R, R)
-    hidden = vit(vit.normalize(views))                                       # n_layer + 1 x (5B, T, D)
+    high = view == "high"
+    views = image_views(to_tensor(images), vit.config.image_size, high_res=high)   # (5B or B, 3, R, R)
+    hidden = vit(vit.normalize(views))                                       # n_layer + 1 x (5B or B, T, D)
     G = vit.config.grid
-    per_cell = 2 * G // GRID                                                 # high-res tokens per cell side
+    per_cell = (2 * G if high else G) // GRID                                # tokens per cell side
     if per_cell < 2 or CANVAS != 2 * vit.config.image_size:
-        raise ValueError(f"the probe needs the Shapes canvas ({CANVAS} px) at the high-res view with at "
-                         f"least 2 x 2 tokens per cell; this ViT has a {G} x {G} grid at {vit.config.image_size} px")
+        raise ValueError(f"the probe needs the Shapes canvas ({CANVAS} px) at twice the ViT's resolution and "
+                         f"at least 2 x 2 tokens per cell; this ViT has a {G} x {G} grid at {vit.config.image_size} px")
     features = {layer: [] for layer in range(len(hidden))}
     labels = {name: [] for name in ATTRIBUTES}
     objects = [(b, o) for b, caption in enumerate(captions) for o in parse_caption(caption)[0]]
     for layer, states in enumerate(hidden):
-        _, crops = split_views(patch_tokens(states, vit.config.class_token), len(images))
-        full = high_res_grid(crops, G)                                       # (B, 2G, 2G, D)
+        tokens = patch_tokens(states, vit.config.class_token)
+        if high:
+            full = high_res_grid(split_views(tokens, len(images))[1], G)     # (B, 2G, 2G, D)
+        else:
+            full = tokens.reshape(len(images), G, G, -1)                     # (B, G, G, D)
         for b, o in objects:
             row, col = divmod(POSITIONS.index(o.position), GRID)
             top, left = row * per_cell + per_cell // 2 - 1, col * per_cell + per_cell // 2 - 1
@@ -65,11 +70,11 @@ def fit_and_score(train_x, train_y, test_x, test_y, n_classes, l2=1e-3):
     return float(((test_x @ weight + bias).argmax(1) == test_y).float().mean())
 
 
-def layer_probe(vit, n_train=400, n_test=300):
+def layer_probe(vit, n_train=400, n_test=300, view="high"):
     """{attribute: [test accuracy of layer 0, 1, ..., n_layer]}."""
     vit = vit.eval()
-    train_x, train_y = object_features(vit, "val", n_train)
-    test_x, test_y = object_features(vit, "test", n_test)
+    train_x, train_y = object_features(vit, "val", n_train, view)
+    test_x, test_y = object_features(vit, "test", n_test, view)
     return {name: [fit_and_score(train_x[layer], train_y[name], test_x[layer], test_y[name], len(values))
                    for layer in sorted(train_x)]
             for name, values in ATTRIBUTES.items()}

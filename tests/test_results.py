@@ -2,6 +2,7 @@
 pretraining, stage 1 then stage 2), the layer probe, the ablation command and its document,
 sample.py --show."""
 
+import json
 import os
 import re
 import sys
@@ -214,3 +215,132 @@ def test_show_draws_the_caption_and_the_shortcuts(tmp_path):
     assert [(v, l) for v, l, _ in shares] == model.fusion.plan
     assert all(share > 0 for _, _, share in shares)
 
+
+def test_layer_probe_reads_the_low_res_view_too():
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=48, patch_size=8, width=32, n_layer=2, n_head=2, mlp_dim=64))
+    vit.apply(init_weights)
+    accuracies = layer_probe(vit, n_train=150, n_test=80, view="low")
+    assert all(len(values) == 3 for values in accuracies.values())
+    assert accuracies["color"][0] > 0.9 and accuracies["size"][0] > 0.9
+    assert accuracies["texture"][0] < 0.6                          # textures blur away at the low-res view
+
+
+PREMISE = os.path.join(ROOT, "docs", "premise.md")
+PREMISE_HEADER = ["design", "objective", "ViT layers", "steps x batch", "colour at llava's layer",
+                  "best colour below it", "shape at llava's layer", "premise met", "wall s"]
+
+
+def premise_rows(text):
+    """{design: cells} of the summary table of a premise document, checked."""
+    lines = text.splitlines()
+    start = lines.index("| " + " | ".join(PREMISE_HEADER) + " |")
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(PREMISE_HEADER) and cells[7] in ("yes", "no"), cells
+        assert all(CELL.match(c) for c in cells[4:7]), cells
+        colour, lower = float(cells[4]), float(cells[5])
+        assert cells[7] == ("yes" if colour <= 1 / 6 + 0.15 and lower >= 0.90 else "no"), cells
+        rows[cells[0]] = cells
+    return rows
+
+
+def test_premise_study_writes_its_tables_and_plot(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib draws the study's plot (requirements-dev.txt)")
+    doc = tmp_path / "doc" / "p.md"
+    run("studies.premise", "--designs", "patch-invariance", "adversarial", "--iters", 2, "--n_probe", 30,
+        "--out_dir", tmp_path / "encoders", "--doc", doc)
+    text = doc.read_text()
+    assert set(premise_rows(text)) == {"patch-invariance", "adversarial"}
+    assert "Command: `python -m studies.premise --designs patch-invariance adversarial" in text
+    assert text.count("| color | ") == 2                                  # a probe table per design
+    assert (tmp_path / "doc" / "p_probe.png").stat().st_size > 1000
+    bad("studies.premise", "--designs", "colour-blind", match="unknown design 'colour-blind'")
+
+
+@pytest.mark.skipif(not os.path.isfile(PREMISE), reason="docs/premise.md is written by python -m studies.premise")
+def test_committed_premise_table_and_the_readme_agree():
+    rows = premise_rows(open(PREMISE).read())
+    assert len(rows) >= 3, "at least three designs, each measured"
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quoted = {cells[0]: cells for cells in (
+        [c.strip() for c in line.strip().strip("|").split("|")] for line in readme.splitlines()
+        if line.startswith("| ")) if cells[0] in rows}
+    assert set(quoted) == set(rows), "the README quotes every design of docs/premise.md"
+    for design, cells in quoted.items():
+        assert cells == rows[design][:8], (design, cells)
+
+
+def test_recoloured_pairs_change_the_colours_and_nothing_else():
+    from sources.shapes import COLORS
+    from training.premise import recoloured_pairs
+    images, recoloured, captions, objects = recoloured_pairs(6, seed=3)
+    assert images.shape == recoloured.shape == (6, 3, 96, 96) and len(objects) == 12
+    assert not any(colour in caption.split() for caption in captions for colour in COLORS)
+    for first, second in zip(objects[:6], objects[6:]):
+        assert [cell for cell, _ in first] == [cell for cell, _ in second]          # same places
+    background = (images == recoloured).all(1)                                    # (6, 96, 96)
+    assert background.float().mean() > 0.5                                        # only the objects differ
+    assert recoloured_pairs(6, seed=3)[0].equal(images)                            # a pure function of the seed
+
+
+def test_class_mean_spread_is_zero_exactly_when_the_class_means_agree():
+    from training.premise import class_mean_spread
+    torch.manual_seed(0)
+    labels = torch.arange(60) % 3
+    noise = torch.randn(60, 8)
+    same = torch.cat([noise[labels == k] - noise[labels == k].mean(0) for k in range(3)])   # every class mean 0
+    assert float(class_mean_spread(same + 5, torch.arange(3).repeat_interleave(20), 3)) < 1e-10
+    shifted = noise + 3 * torch.nn.functional.one_hot(labels, 8).float()
+    assert float(class_mean_spread(shifted, labels, 3)) > 0.1
+
+
+@pytest.mark.parametrize("objective", ["nuisance", "patch-invariance", "adversarial", "patch-clip", "mean-matching"])
+def test_each_premise_objective_trains_the_encoder(tmp_path, objective):
+    from training.contrastive import pretrain_encoder
+    config = named_config("tiny-premise")
+    parse_options(config, ["--vit.width", "16", "--vit.n_head", "2", "--vit.mlp_dim", "32", "--vit.n_layer", "3",
+                           "--clip.iters", "2", "--clip.batch_size", "4", "--clip.objective", objective])
+    data = make_data(config)
+    torch.manual_seed(config.clip.seed)                           # the pretraining's own start
+    start = ContrastivePair(config.model.vit, data.tokenizer.get_vocab_size(), config.clip)
+    start.apply(init_weights)
+    start = start.vit
+    pretrain_encoder(config, data, str(tmp_path / "encoder"))
+    written = ViT.from_pretrained(str(tmp_path / "encoder"))
+    stored = json.loads((tmp_path / "encoder" / "config.json").read_text())["sparsecut_pretraining"]
+    assert stored["config"]["objective"] == objective and written.config.n_layer == 3
+    assert not torch.equal(written.layers[0].mlp.fc1.weight, start.layers[0].mlp.fc1.weight)
+
+
+def test_a_premise_objective_needs_the_shapes_scenes():
+    config = named_config("tiny-premise")
+    with pytest.raises(ValueError, match="recolours Shapes scenes"):
+        parse_options(config, ["--data", "somewhere"])
+        config.check()
+    config = named_config("tiny-premise")
+    with pytest.raises(ValueError, match="--clip.objective takes"):
+        parse_options(config, ["--clip.objective", "hue"])
+        config.check()
+
+
+COMPARISON = os.path.join(ROOT, "docs", "premise-comparison.md")
+PREMISE_COLUMNS = ["seeds", "object_f1", "shape", "color", "size", "position"]
+
+
+@pytest.mark.skipif(not os.path.isfile(COMPARISON),
+                    reason="docs/premise-comparison.md is written by python -m studies.ablation --setting premise")
+def test_committed_premise_comparison_and_the_readme_agree():
+    rows = check_tables(open(COMPARISON).read(), expect={"llava", "llava-lower", "llava+shortcuts", "sparsecut"})
+    assert all(int(cells[1]) >= 5 for cells in rows.values()), "at least 5 seeds per variant"
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    quoted = re.findall(r"^\| premise \| .*$", readme, re.M)
+    assert len(quoted) >= 4, "the README quotes the premise comparison's rows"
+    by_variant = {variant: cells for (_, variant), cells in rows.items()}
+    for line in quoted:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        table = by_variant[cells[1]]
+        assert cells[2:] == [table[HEADER.index(name)] for name in PREMISE_COLUMNS], line
