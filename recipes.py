@@ -122,7 +122,8 @@ def smol():
 
 
 CONFIGS = {"tiny": tiny, "tiny-chat": tiny_chat, "tiny-assistant": tiny_assistant, "tiny-stage1": tiny_stage1,
-           "tiny-stage2": tiny_stage2, "tiny-frozen": tiny_frozen, "tiny-premise": tiny_premise, "llava15-7b": llava15_7b, "smol": smol}
+           "tiny-stage2": tiny_stage2, "tiny-frozen": tiny_frozen, "tiny-premise": tiny_premise,
+           "llava15-7b": llava15_7b, "smol": smol}
 
 
 def named_config(name):

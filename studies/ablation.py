@@ -1,12 +1,15 @@
 """The ablation study: every variant x seeds x setting, trained and evaluated, then one table and
 the plots (DESIGN.md 6b).
 
-    python -m studies.ablation [--seeds 2] [--recipe_seeds 5] [--setting scratch|frozen|both] [--only NAME ...] [--jobs N] [--device cpu]
+    python -m studies.ablation [--seeds 2] [--recipe_seeds 5] [--setting scratch|frozen|both|premise] [--only NAME ...]
+                               [--jobs N] [--device cpu]
 
 Settings: `scratch` is the tiny recipe (`--config tiny`, everything trained end to end); `frozen`
 is the paper's setting at tiny scale (`--config tiny-frozen`: one CLIP-style encoder pretrained
 once into OUT/frozen/encoder and shared by every run, frozen; stage 1 fusion only, stage 2 with
-the LLM). Each run is a `python train.py` process writing OUT/SETTING/VARIANT/seedS; a run whose
+the LLM); `premise` is the same with `--config tiny-premise`'s encoder, pretrained to drop colour
+at the layer llava reads (training/premise.py), and its own variants (llava, llava reading a lower
+layer, llava + shortcuts with each pattern, sparsecut), `--premise_seeds` each. Each run is a `python train.py` process writing OUT/SETTING/VARIANT/seedS; a run whose
 eval.json exists is not run again and an interrupted one is resumed, so the study picks up where
 it stopped (`--report true` trains nothing and tabulates the runs done so far). EE-MLLM-F rows
 evaluate the causal llava / sparsecut checkpoints with composite attention switched on
@@ -38,7 +41,7 @@ from fusion import FUSIONS
 from training.metrics import closed_form_flops
 from model import SparseCut
 
-LOWER_LAYER = 1                       # llava-lower reads this layer: the premise encoder holds colour there (0.998)
+LOWER_LAYER = 1                       # llava-lower's: tiny-premise's encoder still holds colour there (docs/premise.md)
 VARIANTS = {  # name: train.py options (beyond --config); the fusion mode and shortcut plan they test
     "llava": ["--fusion", "llava"],
     "llava-hires": ["--fusion", "llava", "--vit.image_size", "96"],
