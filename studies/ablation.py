@@ -412,6 +412,7 @@ def main(argv):
     doc_dir = os.path.dirname(options.doc) or "."
     os.makedirs(doc_dir, exist_ok=True)
     images = plots(results, probe, doc_dir, os.path.splitext(os.path.basename(options.doc))[0])
+    os.makedirs(options.out_dir, exist_ok=True)   # --report on a study not started yet
     with open(os.path.join(options.out_dir, "results.json"), "w") as f:
         json.dump({"results": results, "probe": probe}, f, indent=2)
     write_doc(options, argv, results, probe, images, skipped, time.time() - started)

@@ -344,3 +344,15 @@ def test_committed_premise_comparison_and_the_readme_agree():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         table = by_variant[cells[1]]
         assert cells[2:] == [table[HEADER.index(name)] for name in PREMISE_COLUMNS], line
+
+
+def test_the_premise_setting_plans_its_variants(tmp_path):
+    doc = tmp_path / "p.md"
+    run("studies.ablation", "--setting", "premise", "--report", "true", "--probe", "false",
+        "--out_dir", tmp_path / "out", "--doc", doc)
+    text = doc.read_text()
+    for variant in ("llava", "llava-lower", "llava+shortcuts", "llava+shortcuts-skew_bottom",
+                    "llava+shortcuts-skew_top", "llava+shortcuts-reverse", "sparsecut"):
+        assert f"{variant} (premise): 5 of 5 seed(s) not run yet" in text
+    assert "llava+shortcuts-dense (premise): the same model as llava+shortcuts" in text
+    assert "fusion-only (premise)" not in text                        # the other settings' variants stay there
