@@ -89,7 +89,7 @@ def tiny_premise():
     and reused by every run that names it; stage 1 the fusion alone, stage 2 with the LLM."""
     config = tiny_frozen()
     config.model.vit.n_layer = 6
-    config.model.visual_norm = True               # its states grow 30-fold in norm from layer 0 to 5
+    config.model.visual_norm = True               # its states grow about 40-fold in norm from layer 0 to 5
     config.model.vit_path, config.out_dir = "out/tiny-premise-clip", "out/tiny-premise"
     config.clip.objective, config.clip.batch_size = "mean-matching", 64
     return config

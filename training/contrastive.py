@@ -51,12 +51,9 @@ class ContrastivePair(nn.Module):
         self.text_proj = nn.Linear(config.text_width, config.embed_dim, bias=False)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))      # CLIP's initial 1/T
 
-    def embed_images(self, images):
-        """images (B, 3, H, W) in [0, 1] -> unit vectors (B, E), from the low-res view only."""
-        return self.embed_views(images)[0]
-
     def embed_views(self, images):
-        """images (V, 3, H, W) -> unit vectors (V, E), the low-res views (V, 3, R, R), the ViT's states."""
+        """images (V, 3, H, W) in [0, 1] -> unit vectors (V, E) from the low-res view only, the
+        low-res views (V, 3, R, R) and the ViT's states."""
         low = resize(images, self.vit.config.image_size)
         hidden = self.vit(self.vit.normalize(low))                           # n_layer + 1 x (V, 1 + G*G, D)
         return F.normalize(self.image_proj(self.vit.post_layernorm(hidden[-1][:, 0])), dim=-1), low, hidden
